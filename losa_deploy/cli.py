@@ -1,0 +1,133 @@
+"""The `losa-deploy` command line: thin Typer commands that parse, load a profile, call, and print.
+
+Each command group lives in its own module (cli_*.py) and registers itself on `app`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .console import err, out
+from .errors import UserError
+
+app = typer.Typer(
+    name="losa-deploy",
+    help="Turn a dense Hugging Face causal LM into a fast sparse model, and prove it.\n\n"
+    "Typical flow: compress -> export -> bench. Example:\n\n"
+    "  losa-deploy compress --profile cpu-70pct --out runs/sparse70\n\n"
+    "  losa-deploy export runs/sparse70 --format deepsparse\n\n"
+    "  losa-deploy bench runs/sparse70 --baseline smollm2-135m",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+profiles_app = typer.Typer(help="List and show named profiles (profiles/*.toml).", no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles")
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"losa-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument("smollm2-135m", help="Hub id, local directory, .gguf file, or alias (smollm2-135m)."),
+    data: str = typer.Option("wikitext2", "--data", help="Text file (.raw/.txt/.jsonl/.json/.parquet) or dataset name (wikitext2, c4)."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Window length in tokens (report it with every number)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Only the first K tokens of the joined text (whole windows)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+) -> None:
+    """WikiText-2-style perplexity: rows joined with blank lines, one tokenisation, non-overlapping windows.
+
+    Example: losa-deploy evaluate smollm2-135m --data ../shared/data/wikitext-2-raw/wiki.test.raw --seqlen 2048 --max-tokens 20480
+    """
+    from .atomic import write_json
+    from .evaluation.perplexity import evaluate_perplexity
+    from .models import load_model
+
+    if seqlen <= 1:
+        raise UserError(f"--seqlen must be > 1 (got {seqlen})")
+    if max_tokens is not None and max_tokens < seqlen:
+        raise UserError(f"--max-tokens ({max_tokens}) must be at least one window (--seqlen {seqlen})")
+    m, tok = load_model(model, dtype=dtype, device=device)
+    res = evaluate_perplexity(m, tok, data, seqlen, max_tokens=max_tokens)
+    d = {"model": model, "data": data, **res.to_dict()}
+    out.print(
+        f"perplexity [bold]{res.perplexity:.4f}[/bold]  (seqlen {res.seqlen}, {res.windows} windows, "
+        f"{res.tokens_evaluated} of {res.tokens_total} tokens)"
+    )
+    if json_path:
+        write_json(json_path, d)
+
+
+@profiles_app.command("list")
+def profiles_list() -> None:
+    """List the known profiles."""
+    from rich.table import Table
+
+    from .profiles import list_profiles, load_profile
+
+    t = Table("profile", "description")
+    for name in list_profiles():
+        t.add_row(name, str(load_profile(name).get("description", "")))
+    out.print(t)
+
+
+@profiles_app.command("show")
+def profiles_show(name: str = typer.Argument(..., help="Profile name or path to a .toml file.")) -> None:
+    """Print a profile's settings."""
+    from .profiles import load_profile
+
+    p = load_profile(name)
+    out.print_json(json.dumps(p))
+
+
+def _register() -> None:
+    # Command groups owned by their own modules; imported for their side effect of adding commands.
+    from . import cli_bench, cli_compress, cli_export  # noqa: F401
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]; nothing half-written was left behind")
+        sys.exit(130)
+    except Exception as e:  # a bug, not a user mistake: still one line unless --debug
+        if _state["debug"] or "--debug" in sys.argv:
+            raise
+        err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Accuracy: perplexity (literature protocol) and zero-shot tasks (lm-evaluation-harness)."""

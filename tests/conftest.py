@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LOSA_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data not available")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "corpus.txt"
+    import random
+
+    rng = random.Random(0)
+    words = "the a model sparse weight prune layer token block rank mask data text of and to in".split()
+    p.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(200)))
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    # Keep the real GGUF cache (expensive to rebuild) but isolate self-data caches per test.
+    monkeypatch.setenv("LOSA_DEPLOY_CACHE", os.environ.get("LOSA_DEPLOY_CACHE", str(Path.home() / ".cache" / "losa-deploy")))
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda():
+            item.add_marker(skip_gpu)

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from losa_deploy.cli import app
+from losa_deploy.data import calibration_ids, eval_text, load_records, wikitext_rows
+from losa_deploy.errors import UserError
+from losa_deploy.evaluation.perplexity import perplexity
+from losa_deploy.models import load_model, resolve_model
+
+runner = CliRunner()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "losa_deploy.cli", *args], capture_output=True, text=True)
+
+
+def test_help_lists_commands():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for c in ("compress", "export", "bench", "evaluate", "profiles"):
+        assert c in r.output
+
+
+def test_version():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and "losa-deploy" in r.output
+
+
+def test_wikitext_rows_match_hf_convention():
+    raw = " \n = Title = \n \n Body text .\n"
+    rows = wikitext_rows(raw)
+    assert rows == ["", " = Title = \n", "", " Body text .\n"]
+    assert "\n\n".join(rows) == "\n\n = Title = \n\n\n\n\n Body text .\n"
+
+
+def test_load_records_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n{"text": "world"}\n')
+    assert [r.text for r in load_records(str(tmp_path / "a.jsonl"))] == ["hello", "world"]
+    (tmp_path / "b.json").write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "Hi"}]))
+    rec = load_records(str(tmp_path / "b.json"))[0]
+    assert rec.text.endswith("### Response:\nHi") and rec.text.startswith(rec.prompt)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_records(str(tmp_path / "bad.json"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(UserError, match="empty"):
+        load_records(str(tmp_path / "empty.txt"))
+    with pytest.raises(UserError, match="unknown data source"):
+        load_records("nosuchdataset")
+
+
+def test_calibration_deterministic_and_shaped(tiny_dir, text_file):
+    _, tok = load_model(str(tiny_dir))
+    a = calibration_ids(tok, str(text_file), nsamples=4, seqlen=32, seed=3)
+    b = calibration_ids(tok, str(text_file), nsamples=4, seqlen=32, seed=3)
+    c = calibration_ids(tok, str(text_file), nsamples=4, seqlen=32, seed=4)
+    assert a.shape == (4, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(UserError, match="fewer than one window"):
+        calibration_ids(tok, str(text_file), nsamples=1, seqlen=10**7)
+
+
+def test_self_calibration(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOSA_DEPLOY_CACHE", str(tmp_path))
+    m, tok = load_model(str(tiny_dir))
+    a = calibration_ids(tok, "self", nsamples=3, seqlen=16, seed=1, model=m)
+    b = calibration_ids(tok, "self", nsamples=3, seqlen=16, seed=1, model=m)
+    assert a.shape == (3, 16) and torch.equal(a, b)
+
+
+def test_perplexity_protocol_matches_manual(tiny_dir):
+    m, _ = load_model(str(tiny_dir))
+    ids = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(0))
+    r = perplexity(m, ids, seqlen=32, progress=False)
+    assert r.windows == 3 and r.tokens_evaluated == 96
+    nll = 0.0
+    for w in range(3):
+        x = ids[w * 32 : (w + 1) * 32][None]
+        with torch.no_grad():
+            nll += float(m(input_ids=x, labels=x).loss) * 32
+    assert math.isclose(r.perplexity, math.exp(nll / 96), rel_tol=1e-5)
+    r2 = perplexity(m, ids, seqlen=32, max_tokens=64, progress=False)
+    assert r2.windows == 2
+
+
+def test_model_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        resolve_model(str(tmp_path / "missing"))
+    (tmp_path / "noconfig").mkdir()
+    with pytest.raises(UserError, match="config.json"):
+        resolve_model(str(tmp_path / "noconfig"))
+    (tmp_path / "x.gguf").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="GGUF"):
+        resolve_model(str(tmp_path / "x.gguf"))
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="unsupported architecture"):
+        load_model(str(tmp_path))
+
+
+def test_cli_errors_are_one_line(tiny_dir, tmp_path):
+    cases = [
+        ["evaluate", str(tmp_path / "nope")],
+        ["evaluate", str(tiny_dir), "--data", str(tmp_path / "nope.txt")],
+        ["evaluate", str(tiny_dir), "--data", "nosuchdataset"],
+        ["evaluate", str(tiny_dir), "--seqlen", "1"],
+        ["profiles", "show", "no-such-profile"],
+    ]
+    for args in cases:
+        r = cli(*args)
+        assert r.returncode != 0, args
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+        assert r.stderr.strip().startswith("error:"), (args, r.stderr)
+
+
+def test_cli_evaluate_json(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "ppl.json"
+    r = cli("evaluate", str(tiny_dir), "--data", str(text_file), "--seqlen", "64", "--max-tokens", "256", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["seqlen"] == 64 and d["windows"] == 4 and d["perplexity"] > 1
+
+
+@pytest.mark.integration
+def test_real_model_perplexity_prefix(shared_data):
+    """The embedded model on WikiText-2 test, first 4096 tokens at seqlen 2048 (fast check of the protocol)."""
+    from losa_deploy.evaluation.perplexity import evaluate_perplexity
+
+    m, tok = load_model("smollm2-135m")
+    r = evaluate_perplexity(m, tok, str(shared_data / "wikitext-2-raw" / "wiki.test.raw"), 2048, max_tokens=4096, progress=False)
+    assert r.tokens_total == 304987
+    assert r.windows == 2
+    assert 10 < r.perplexity < 40
