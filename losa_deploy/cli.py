@@ -51,32 +51,81 @@ def _root(
 @app.command()
 def evaluate(
     model: str = typer.Argument("smollm2-135m", help="Hub id, local directory, .gguf file, or alias (smollm2-135m)."),
-    data: str = typer.Option("wikitext2", "--data", help="Text file (.raw/.txt/.jsonl/.json/.parquet) or dataset name (wikitext2, c4)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Perplexity text: file (.raw/.txt/.jsonl/.json/.parquet) or dataset name (wikitext2, c4). Default wikitext2 when no zero-shot task is asked for."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Window length in tokens (report it with every number)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Only the first K tokens of the joined text (whole windows)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", metavar="NAMES", help="Zero-shot tasks, comma list: local ones need --task-data; any other lm-evaluation-harness task name is fetched online."),
+    task_data: Optional[list[str]] = typer.Option(None, "--task-data", metavar="NAME=PATH", help="NAME=PATH of a local task file in its original format (repeatable). NAME: piqa, arc_easy, arc_challenge, boolq, hellaswag, winogrande, openbookqa, rte."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Zero-shot: only the first N items of each task."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Zero-shot: requests per forward pass."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
-    """WikiText-2-style perplexity: rows joined with blank lines, one tokenisation, non-overlapping windows.
+    """Perplexity (WikiText-2 protocol: rows joined with blank lines, one tokenisation, non-overlapping windows) and/or
+    zero-shot accuracy through lm-evaluation-harness.
 
-    Example: losa-deploy evaluate smollm2-135m --data ../shared/data/wikitext-2-raw/wiki.test.raw --seqlen 2048 --max-tokens 20480
+    Examples: losa-deploy evaluate smollm2-135m --data ../shared/data/wikitext-2-raw/wiki.test.raw --seqlen 2048 --max-tokens 20480
+
+    losa-deploy evaluate smollm2-135m --task-data piqa=../shared/data/piqa/valid.jsonl --limit 200 --json out.json
     """
     from .atomic import write_json
-    from .evaluation.perplexity import evaluate_perplexity
     from .models import load_model
 
-    if seqlen <= 1:
-        raise UserError(f"--seqlen must be > 1 (got {seqlen})")
-    if max_tokens is not None and max_tokens < seqlen:
-        raise UserError(f"--max-tokens ({max_tokens}) must be at least one window (--seqlen {seqlen})")
+    zs_tasks: dict[str, str | None] = {}
+    if tasks or task_data:
+        from .evaluation.zeroshot import parse_task_args
+
+        zs_tasks = parse_task_args(tasks, task_data)
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1 (got {limit})")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
+    do_ppl = data is not None or not zs_tasks
+    if do_ppl:
+        if seqlen <= 1:
+            raise UserError(f"--seqlen must be > 1 (got {seqlen})")
+        if max_tokens is not None and max_tokens < seqlen:
+            raise UserError(f"--max-tokens ({max_tokens}) must be at least one window (--seqlen {seqlen})")
+    if zs_tasks:
+        # Read and check every task file before the model load, so a typo fails in a second, not after it.
+        from .tasks.loaders import LOCAL_TASKS
+
+        for name, path in zs_tasks.items():
+            if path is not None:
+                LOCAL_TASKS[name][0](path, 1)
     m, tok = load_model(model, dtype=dtype, device=device)
-    res = evaluate_perplexity(m, tok, data, seqlen, max_tokens=max_tokens)
-    d = {"model": model, "data": data, **res.to_dict()}
-    out.print(
-        f"perplexity [bold]{res.perplexity:.4f}[/bold]  (seqlen {res.seqlen}, {res.windows} windows, "
-        f"{res.tokens_evaluated} of {res.tokens_total} tokens)"
-    )
+    d: dict = {"model": model}
+    if do_ppl:
+        from .evaluation.perplexity import evaluate_perplexity
+
+        data = data or "wikitext2"
+        res = evaluate_perplexity(m, tok, data, seqlen, max_tokens=max_tokens)
+        d |= {"data": data, **res.to_dict()}
+        out.print(
+            f"perplexity [bold]{res.perplexity:.4f}[/bold]  (seqlen {res.seqlen}, {res.windows} windows, "
+            f"{res.tokens_evaluated} of {res.tokens_total} tokens)"
+        )
+    if zs_tasks:
+        import time
+
+        from rich.table import Table
+
+        from .evaluation.zeroshot import evaluate_zeroshot
+
+        t0 = time.perf_counter()
+        zs = evaluate_zeroshot(m, tok, zs_tasks, limit=limit, batch_size=batch_size)
+        zs["seconds"] = round(time.perf_counter() - t0, 1)
+        d["zeroshot"] = zs
+
+        def pct(v: Optional[float]) -> str:
+            return "-" if v is None else f"{100 * v:.2f}"
+
+        t = Table("task", "n", "acc %", "± stderr", "acc_norm %", title=f"zero-shot ({zs['harness']}, {zs['seconds']} s)")
+        for name, r in zs["tasks"].items():
+            t.add_row(name, str(r["n"]), pct(r["acc"]), pct(r.get("acc_stderr")), pct(r.get("acc_norm")))
+        t.add_row("[bold]average[/bold]", "", pct(zs["average"]["acc"]), "", pct(zs["average"].get("acc_norm")))
+        out.print(t)
     if json_path:
         write_json(json_path, d)
 
@@ -130,4 +179,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Under `python -m losa_deploy.cli` this file is `__main__`, while the cli_* modules register their commands on
+    # `losa_deploy.cli.app`: run that module's main so every command is there.
+    from losa_deploy.cli import main as _main
+
+    _main()

@@ -1,14 +1,132 @@
-"""`losa-deploy export`: not implemented yet (see the project's issues)."""
+"""`losa-deploy export` and `losa-deploy generate`: thin commands over exporters/ and losa_deploy.runners."""
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 from .cli import app
+from .console import err, out
 from .errors import UserError
 
+FORMATS = ("onnx", "deepsparse", "tensorrt", "hf")
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def export(ctx: typer.Context) -> None:
-    """Not implemented yet."""
-    raise UserError("'export' is not implemented yet", exit_code=2)
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="A Hugging Face causal-LM directory (what `compress` writes, or any HF checkpoint)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="onnx | deepsparse | tensorrt | hf"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: MODEL_DIR/<format>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    prefill_len: int = typer.Option(128, "--prefill-len", help="deepsparse: tokens per prefill engine call."),
+    max_len: int = typer.Option(512, "--max-len", help="deepsparse: total sequence length (prompt + generated)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="deepsparse: cores for the verification run (default: all)."),
+    force_2of4: bool = typer.Option(False, "--force-2of4", help="tensorrt: re-prune a non-2:4 checkpoint to 2:4 by magnitude."),
+) -> None:
+    """Export a (sparse) model and verify it against PyTorch before declaring it done.
+
+    Examples:
+
+      losa-deploy export runs/sparse70 --format deepsparse --prefill-len 128 --max-len 512
+
+      losa-deploy export runs/sparse70 --format onnx
+
+      losa-deploy export runs/gpu24 --format tensorrt
+
+      losa-deploy export runs/sparse70 --format hf
+    """
+    fmt = fmt.lower().strip()
+    if fmt not in FORMATS:
+        raise UserError(f"unknown --format '{fmt}': use one of {', '.join(FORMATS)}")
+    from exporters.common import check_model_dir
+
+    src = check_model_dir(model_dir)
+    dest = out_dir if out_dir is not None else src / fmt
+    t = time.perf_counter()
+    if fmt == "onnx":
+        from exporters.onnx_export import export_onnx
+
+        man = export_onnx(src, dest, overwrite=overwrite)
+        v = man["verification"]["onnxruntime_vs_torch"]
+        out.print(f"onnx export verified: max |dlogit| {v['max_abs_logit_diff']:.2e} (tol {v['logit_tolerance']:g}), "
+                  f"{v['new_tokens']} greedy tokens match: {v['tokens_match']}, zero patterns kept: "
+                  f"{man['verification']['zero_pattern']['ok']}")
+    elif fmt == "deepsparse":
+        from exporters.deepsparse_export import export_deepsparse
+
+        man = export_deepsparse(src, dest, prefill_len=prefill_len, max_len=max_len, overwrite=overwrite, threads=threads)
+        v = man["verification"]
+        ds = man["deepsparse"]
+        out.print(f"deepsparse export verified: ORT max |dlogit| {v['onnxruntime_vs_torch']['max_abs_logit_diff']:.2e}; "
+                  f"DeepSparse {v['deepsparse_vs_torch']['new_tokens']} greedy tokens match PyTorch "
+                  f"(max |dlogit| {v['deepsparse_vs_torch']['max_abs_logit_diff']:.2e}); supported ops "
+                  f"{ds['fraction_of_supported_ops']}; sparse layers {len(ds['sparse_layers'])}/"
+                  f"{len(ds['sparse_layers']) + len(ds['dense_layers'])}")
+    elif fmt == "tensorrt":
+        from exporters.tensorrt_export import export_tensorrt
+
+        man = export_tensorrt(src, dest, force_2of4=force_2of4, overwrite=overwrite)
+        r = man["two_four"]["summary"]
+        out.print(f"tensorrt fp16 ONNX written; 2:4 eligible {r['eligible']}, ineligible {r['ineligible']}, skipped {r['skipped']}")
+        if man.get("forced_2of4"):
+            out.print(f"[yellow]re-pruned {man['forced_2of4']['layers']} layers to 2:4 by magnitude (--force-2of4)[/yellow]")
+        out.print(f"build the sparse engine with:\n  {man['trtexec']}")
+    else:
+        from exporters.hf_compact import export_compact
+
+        man = export_compact(src, dest, overwrite=overwrite)
+        s = man["sizes"]
+        out.print(f"compact copy: {s['compact_bytes'] / 1e6:.1f} MB vs dense {s['dense_bytes'] / 1e6:.1f} MB "
+                  f"({s['ratio'] * 100:.1f}%); round trip exact: {man['verification']['round_trip_exact']}")
+    out.print(f"wrote {dest} in {time.perf_counter() - t:.1f} s (manifest: {dest / 'export_manifest.json'})")
+
+
+@app.command()
+def generate(
+    model_dir: Path = typer.Argument(..., help="Model directory, or its deepsparse export directory."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch | onnxruntime | deepsparse | torch-2of4"),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="Default: the export's prefill length (or 128)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Default: the export's max length (or 512)."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda (torch-2of4 needs cuda)"),
+) -> None:
+    """Greedy generation with one runtime (the same runners `bench` measures).
+
+    Example: losa-deploy generate runs/sparse70 --runtime deepsparse --prompt "The capital of France is"
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    from .runners import RUNTIMES, generate as run_generate, make_runner, resolve_hf_dir, resolve_onnx_dir
+
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown --runtime '{runtime}': use one of {', '.join(RUNTIMES)}")
+    p = Path(model_dir)
+    if not p.exists():
+        raise UserError(f"'{model_dir}' not found")
+    pl, ml = prefill_len, max_len
+    if runtime in ("onnxruntime", "deepsparse"):
+        d = resolve_onnx_dir(p)
+        eng = json.loads((d / "export_manifest.json").read_text()).get("engines", {})
+        pl = pl or eng.get("prefill", {}).get("seq", 128)
+        ml = ml or eng.get("max_len", 512)
+        tok_dir = d
+    else:
+        tok_dir = resolve_hf_dir(p)
+    pl, ml = pl or 128, ml or 512
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as e:
+        raise UserError(f"could not load the tokenizer from '{tok_dir}': {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    runner = make_runner(p, runtime, prefill_len=pl, max_len=ml, threads=threads, device=device)
+    t = time.perf_counter()
+    res = run_generate(runner, tok, prompt, max_new_tokens)
+    dt = time.perf_counter() - t
+    out.print(prompt + res["text"], markup=False, highlight=False)
+    err.print(f"[dim]{runner.name}: {len(res['tokens'])} new tokens in {dt:.2f} s ({runner.threads} threads)[/dim]")

@@ -1,0 +1,200 @@
+"""A small nn.Module around an HF causal LM with DeepSparse's KV-cache I/O contract, traced with torch.onnx.
+
+Inputs:  input_ids [1,S] int64, attention_mask [1,T] int64 (T = past + S; 1 = real token), positions [1,S] int64,
+         causal_mask [1,1,S,T] int64 (1 = may attend), past_key_values.{i}.key/value [1, kv_heads, past, head_dim].
+Outputs: logits [1,S,V], present.{i}.key/value [1, kv_heads, T, head_dim].
+The cache is right-aligned: the newest entries are at the end, unused slots at the start are masked out by
+attention_mask; a caller drops the oldest entry after each step so the past length stays fixed (DeepSparse style).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+def kv_geometry(config: Any) -> tuple[int, int, int]:
+    """(num_layers, kv_heads, head_dim) of a decoder config."""
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return layers, kv, hd
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask", "positions", "causal_mask"]
+    outputs = ["logits"]
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+class TableRotary(nn.Module):
+    """Rotary embedding as a lookup in precomputed cos/sin tables (constant initializers + Gather).
+
+    Why: DeepSparse 1.8's graph compiler aborts (assertion in execution/graph.cpp) when the rotary angles are
+    computed at run time from the `positions` input (Cast -> MatMul -> Cos/Sin); a Gather from a constant table
+    compiles, and is what older Llama exports did (cos_cached[position_ids])."""
+
+    def __init__(self, rotary: nn.Module, table_len: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        with torch.no_grad():
+            probe = torch.zeros(1, 1, dtype=dtype)
+            cos, sin = rotary(probe, torch.arange(table_len)[None])
+        self.register_buffer("cos_table", cos[0].to(dtype).contiguous(), persistent=False)
+        self.register_buffer("sin_table", sin[0].to(dtype).contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos_table[position_ids].to(x.dtype), self.sin_table[position_ids].to(x.dtype)
+
+
+def _find_rotary(model: nn.Module) -> tuple[nn.Module, str] | None:
+    base = getattr(model, "model", None)
+    if base is not None and isinstance(getattr(base, "rotary_emb", None), nn.Module):
+        return base, "rotary_emb"
+    return None
+
+
+class KVCacheLM(nn.Module):
+    """Builds the 4-D additive mask itself (from causal_mask x attention_mask) so no vmap/SDPA mask code is traced,
+    and swaps the rotary embedding for a table lookup (see TableRotary). Use as a context manager-free wrapper:
+    `restore()` puts the model's own rotary module back."""
+
+    def __init__(self, model: nn.Module, table_len: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+        self._restore: tuple[nn.Module, str, nn.Module] | None = None
+        found = _find_rotary(model)
+        if found is not None:
+            owner, attr = found
+            n = table_len or int(getattr(model.config, "max_position_embeddings", 4096))
+            orig = getattr(owner, attr)
+            dtype = model.get_input_embeddings().weight.dtype
+            setattr(owner, attr, TableRotary(orig, n, dtype))
+            self._restore = (owner, attr, orig)
+
+    def restore(self) -> None:
+        if self._restore is not None:
+            owner, attr, orig = self._restore
+            setattr(owner, attr, orig)
+            self._restore = None
+
+    def forward(self, input_ids, attention_mask, positions, causal_mask, *past):  # type: ignore[override]
+        from transformers import DynamicCache
+
+        s = input_ids.shape[1]
+        t = attention_mask.shape[1]
+        dtype = self.model.get_input_embeddings().weight.dtype
+        allowed = causal_mask.to(torch.bool) & attention_mask[:, None, None, :].to(torch.bool)
+        # A query row must never be fully masked (left padding): let every query see itself, so softmax stays finite.
+        rows = torch.arange(s, device=input_ids.device)[:, None] + (t - s)
+        cols = torch.arange(t, device=input_ids.device)[None, :]
+        allowed = allowed | (rows == cols)[None, None]
+        neg = torch.full((), torch.finfo(dtype).min, dtype=dtype)
+        mask4d = torch.where(allowed, torch.zeros((), dtype=dtype), neg)
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=mask4d, position_ids=positions,
+                         past_key_values=cache, use_cache=True, return_dict=True)
+        pkv = out.past_key_values
+        presents = []
+        for i in range(self.num_layers):
+            layer = pkv.layers[i] if hasattr(pkv, "layers") else None
+            k, v = (layer.keys, layer.values) if layer is not None else pkv[i]
+            presents += [k, v]
+        return (out.logits, *presents)
+
+
+def dummy_inputs(config: Any, seq: int, past: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    layers, kv, hd = kv_geometry(config)
+    t = past + seq
+    ids = torch.zeros(1, seq, dtype=torch.long)
+    am = torch.ones(1, t, dtype=torch.long)
+    pos = torch.arange(past, past + seq, dtype=torch.long)[None]
+    cm = torch.tril(torch.ones(seq, t, dtype=torch.long), diagonal=past)[None, None]
+    pkv = []
+    for _ in range(layers):
+        pkv += [torch.zeros(1, kv, past, hd, dtype=dtype), torch.zeros(1, kv, past, hd, dtype=dtype)]
+    return (ids, am, pos, cm, *pkv)
+
+
+def export_wrapper_onnx(model: nn.Module, path: str, *, seq: int, past: int, opset: int = 17,
+                        dynamic: bool = True, external_data: bool = True,
+                        table_len: int | None = None) -> None:
+    """Trace KVCacheLM and save it. `dynamic` marks seq/past/total lengths symbolic so one file serves both the
+    prefill (S=P) and the decode (S=1) engines; DeepSparse fixes them at compile time via input_shapes."""
+    import onnx
+
+    layers, _, _ = kv_geometry(model.config)
+    wrapper = KVCacheLM(model, table_len).eval()
+    args = dummy_inputs(model.config, seq, past, model.get_input_embeddings().weight.dtype)
+    inputs, outputs = io_names(layers)
+    dyn = None
+    if dynamic:
+        dyn = {"input_ids": {1: "seq"}, "attention_mask": {1: "total"}, "positions": {1: "seq"},
+               "causal_mask": {2: "seq", 3: "total"}, "logits": {1: "seq"}}
+        for i in range(layers):
+            dyn[f"past_key_values.{i}.key"] = {2: "past"}
+            dyn[f"past_key_values.{i}.value"] = {2: "past"}
+            dyn[f"present.{i}.key"] = {2: "total"}
+            dyn[f"present.{i}.value"] = {2: "total"}
+    tmp = path + ".tmp.onnx"
+    try:
+        with torch.no_grad():
+            torch.onnx.export(wrapper, args, tmp, input_names=inputs, output_names=outputs, dynamic_axes=dyn,
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+    finally:
+        wrapper.restore()
+    m = onnx.load(tmp, load_external_data=True)
+    import os
+    from pathlib import Path
+
+    if external_data:
+        onnx.save_model(m, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=Path(path).stem + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(m, path)
+    os.unlink(tmp)
+
+
+def engine_shapes(config: Any, seq: int, max_len: int) -> list[list[int]]:
+    """Input shapes for an engine that takes `seq` new tokens with a fixed total length `max_len`."""
+    layers, kv, hd = kv_geometry(config)
+    past = max_len - seq
+    shapes = [[1, seq], [1, max_len], [1, seq], [1, 1, seq, max_len]]
+    shapes += [[1, kv, past, hd]] * (2 * layers)
+    return shapes
+
+
+def static_graph_copy(onnx_path: str, dst_dir: str, name: str, shapes: list[list[int]]) -> str:
+    """Write a copy of the graph (not the weights) with fixed input shapes into `dst_dir`, its external data file
+    symlinked; DeepSparse rewrites a model in place when given input_shapes, so it never sees the shipped file."""
+    import os
+    from pathlib import Path
+
+    import onnx
+
+    src = Path(onnx_path).resolve()
+    m = onnx.load(str(src), load_external_data=False)
+    init_names = {i.name for i in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in init_names]
+    if len(inputs) != len(shapes):
+        raise ValueError(f"{src}: {len(inputs)} inputs, {len(shapes)} shapes")
+    for inp, shp in zip(inputs, shapes):
+        for d, v in zip(inp.type.tensor_type.shape.dim, shp):
+            d.ClearField("dim_param")
+            d.dim_value = v
+    locations = {e.value for i in m.graph.initializer for e in i.external_data if e.key == "location"}
+    for loc in locations:
+        link = Path(dst_dir) / loc
+        if not link.exists():
+            os.symlink(src.parent / loc, link)
+    out = Path(dst_dir) / f"{name}.onnx"
+    onnx.save_model(m, str(out))
+    return str(out)

@@ -1,0 +1,432 @@
+"""`bench`: latency (per runtime and phase) and accuracy of a sparse model against its dense baseline, as a report.
+
+`run_bench(BenchOptions)` does the work; `losa_deploy/cli_bench.py` only parses flags. Fairness rules:
+- dense and sparse run through the same runtime, graph format (the DeepSparse-contract fixed-shape model.onnx),
+  threads, prompt lengths and token ids;
+- ONNX Runtime is the dense CPU baseline (no sparse kernels); DeepSparse runs the sparse model (and the dense one too);
+- phases, warm-up and repeats: see `latency.py`; bounds: `bounds.py`; schema: docs/report_schema.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import UserError
+
+CPU_RUNTIMES = ("torch", "onnxruntime", "deepsparse")
+GPU_RUNTIMES = ("torch-cuda", "torch-2of4")
+ALL_RUNTIMES = CPU_RUNTIMES + GPU_RUNTIMES
+ONNX_RUNTIMES = ("onnxruntime", "deepsparse")  # run the exported deepsparse-format model.onnx
+_REQUIRES = {"onnxruntime": "onnxruntime", "deepsparse": "deepsparse", "torch": "torch", "torch-cuda": "torch", "torch-2of4": "torch"}
+
+
+@dataclass
+class BenchOptions:
+    sparse_dir: Path | None
+    baseline: str | None
+    out: Path
+    runtimes: Sequence[str] | None = None  # None: every available one (not-installed ones skipped with a note)
+    prompt_lens: Sequence[int] = (128, 512)
+    decode_past: int = 256
+    decode_tokens: int = 64
+    gen_tokens: int = 64
+    batch: int = 1
+    threads: int | None = None
+    warmup: int = 2
+    repeats: int = 5
+    ppl_data: str | None = None
+    ppl_seqlen: int = 2048
+    ppl_max_tokens: int | None = None
+    task_data: dict[str, str | None] = field(default_factory=dict)  # {task: local path, or None for a harness task}
+    tasks: Sequence[str] = ()
+    limit: int | None = None
+    shapes: str | None = None
+    blocks: int = 2
+    sparsity: float | None = None
+    compare: Sequence[Path] = ()
+    skip_accuracy: bool = False
+    skip_latency: bool = False
+    skip_model_latency: bool = False  # with --shapes: time only the synthetic blocks
+    seed: int = 0
+    command: Sequence[str] | None = None
+    progress: bool = True
+
+
+# ---- validation -------------------------------------------------------------------------------------------------
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, e.g. 128,512 (got '{text}')")
+    if not vals or any(v < 1 for v in vals):
+        raise UserError(f"{flag} needs positive integers (got '{text}')")
+    return vals
+
+
+def parse_runtimes(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    rts = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [r for r in rts if r not in ALL_RUNTIMES]
+    if bad or not rts:
+        raise UserError(f"unknown runtime '{','.join(bad) or text}': choose from {', '.join(ALL_RUNTIMES)}")
+    return list(dict.fromkeys(rts))
+
+
+def parse_tasks(tasks: str | None, task_data: Sequence[str]) -> dict[str, str | None]:
+    """{task: local path or None (harness task)}, via the zero-shot module's parser; local files must exist."""
+    from ..evaluation.zeroshot import parse_task_args
+
+    out = parse_task_args(tasks, list(task_data))
+    for name, path in out.items():
+        if path is not None and not Path(path).exists():
+            raise UserError(f"--task-data {name}: '{path}' not found")
+    return out
+
+
+def architecture(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"model_type": cfg.get("model_type"), "hidden": cfg.get("hidden_size"), "layers": cfg.get("num_hidden_layers")}
+
+
+def check_same_architecture(sparse_cfg: dict[str, Any], dense_cfg: dict[str, Any], sparse_name: str, dense_name: str) -> None:
+    a, b = architecture(sparse_cfg), architecture(dense_cfg)
+    diff = [f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b[k]]
+    if diff:
+        raise UserError(f"baseline '{dense_name}' is not the dense version of '{sparse_name}' ({'; '.join(diff)}): "
+                        "pass the model the sparse one was compressed from")
+
+
+def runtime_available(rt: str) -> tuple[bool, str]:
+    mod = _REQUIRES[rt]
+    if importlib.util.find_spec(mod) is None:
+        return False, f"{mod} is not installed (pip install {mod})"
+    if rt in GPU_RUNTIMES:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "needs a CUDA GPU"
+        if rt == "torch-2of4" and torch.cuda.get_device_capability(0) < (8, 0):
+            return False, "2:4 sparse tensor cores need compute capability >= 8.0 (Ampere or newer)"
+    if importlib.util.find_spec("losa_deploy.runners") is None:
+        return False, "losa_deploy.runners is not available in this install"
+    return True, ""
+
+
+def select_runtimes(requested: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+    """(runtimes to run, {skipped runtime: reason}). An explicitly requested runtime that is missing is an error."""
+    import torch
+
+    if requested is None:
+        cand = list(CPU_RUNTIMES) + (list(GPU_RUNTIMES) if torch.cuda.is_available() else [])
+        explicit = False
+    else:
+        cand, explicit = list(requested), True
+    run, skipped = [], {}
+    for rt in cand:
+        ok, why = runtime_available(rt)
+        if ok:
+            run.append(rt)
+        elif explicit:
+            raise UserError(f"runtime '{rt}' was requested but {why}; drop it from --runtimes")
+        else:
+            skipped[rt] = why
+    if not torch.cuda.is_available():
+        skipped.setdefault("torch-cuda / torch-2of4", "no CUDA GPU")
+    if shutil.which("trtexec") is None:
+        skipped["tensorrt"] = "trtexec not on PATH"
+    else:
+        skipped["tensorrt"] = "trtexec found; bench does not time TensorRT engines yet (export --format tensorrt, then trtexec)"
+    return run, skipped
+
+
+# ---- model facts ------------------------------------------------------------------------------------------------
+
+def model_facts(path: Path, spec: str, inv: Any) -> dict[str, Any]:
+    cfg = json.loads((path / "config.json").read_text())
+    blk = [t for t in inv.tensors if t.role == "block_linear"]
+    tot = sum(t.numel for t in blk)
+    nnz = sum(t.nnz for t in blk)
+    return {"spec": spec, "path": str(path), **architecture(cfg), "vocab": cfg.get("vocab_size"),
+            "params_2d": sum(t.numel for t in inv.tensors if "(tied)" not in t.name) ,
+            "block_linear_params": tot, "sparsity": (1 - nnz / tot) if tot else None}
+
+
+def block_sparsity(path: Path, inv: Any) -> list[float]:
+    """Per-block sparsity of the block linears: from the compress manifest's rates if present, else counted."""
+    import re
+
+    man = path / "losa_manifest.json"
+    if man.is_file():
+        blocks = json.loads(man.read_text()).get("blocks") or []
+        if blocks and all("rate" in b for b in blocks):
+            return [float(b["rate"]) for b in sorted(blocks, key=lambda b: b.get("index", 0))]
+    per: dict[int, list[int]] = {}
+    for t in inv.tensors:
+        m = re.search(r"\.(\d+)\.", t.name)
+        if t.role == "block_linear" and m:
+            a = per.setdefault(int(m.group(1)), [0, 0])
+            a[0] += t.numel - t.nnz
+            a[1] += t.numel
+    return [per[i][0] / per[i][1] for i in sorted(per)]
+
+
+# ---- export -----------------------------------------------------------------------------------------------------
+
+def needed_max_len(settings: Any) -> int:
+    """The longest sequence any runner of these settings holds (its position table must cover it)."""
+    first = settings.prompt_lens[0] + max(settings.gen_tokens, 1)
+    return max([first] + [p + 1 for p in settings.prompt_lens] + [settings.decode_past + max(settings.decode_tokens, 1)])
+
+
+def ensure_deepsparse_export(model_dir: Path, cache: Path, *, max_len: int, threads: int) -> Path:
+    """The model's DeepSparse-contract export: `<model_dir>/deepsparse` if it is there, else exported into `cache`.
+
+    One model.onnx serves every shape (the runners fix prefill length and total length at load time), so the export
+    is done once per model and reused by later runs."""
+    for cand in (model_dir / "deepsparse", cache):
+        if (cand / "export_manifest.json").is_file() and (cand / "model.onnx").is_file():
+            return cand
+    try:
+        from exporters.deepsparse_export import export_deepsparse
+    except ImportError as e:
+        raise UserError(f"cannot export '{model_dir}' for onnxruntime/deepsparse: the exporter is not available ({e})")
+    from ..console import err
+
+    err.print(f"exporting {model_dir} -> {cache} (deepsparse format, once; cached)")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # The graph has symbolic lengths; prefill_len/max_len here only size the position table and the export's own
+    # verification (a prefill + 16 greedy tokens), so leave room for both.
+    prefill = min(128, max(1, max_len // 2))
+    export_deepsparse(str(model_dir), str(cache), prefill_len=prefill, max_len=max(max_len, prefill + 17), threads=threads)
+    return cache
+
+
+def make_factory(path: Path, runtime: str, threads: int) -> Callable[[int, int], Any]:
+    from ..runners import make_runner
+
+    rt, device = ("torch", "cuda") if runtime == "torch-cuda" else (runtime, "cuda" if runtime == "torch-2of4" else "cpu")
+
+    def factory(prefill_len: int, max_len: int) -> Any:
+        return make_runner(str(path), rt, prefill_len=prefill_len, max_len=max_len, threads=threads, device=device)
+
+    return factory
+
+
+# ---- one latency suite ------------------------------------------------------------------------------------------
+
+def latency_suite(
+    name: str, description: str, dense_dir: Path, sparse_dir: Path, runtimes: Sequence[str], skipped: dict[str, str],
+    settings: Any, threads: int, export_root: Path, rates: dict[str, Any], progress: bool,
+    dense_export: Path | None = None, sparse_export: Path | None = None,
+) -> dict[str, Any]:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ..console import err
+    from .bounds import bounds_for, inventory_from_dir
+    from .latency import bench_phases
+
+    inv = {"dense": inventory_from_dir(dense_dir), "sparse": inventory_from_dir(sparse_dir)}
+    cfg = json.loads((dense_dir / "config.json").read_text())
+    vocab = int(cfg["vocab_size"])
+    suite: dict[str, Any] = {"name": name, "description": description, "runtimes": {},
+                             "models": {"dense": model_facts(dense_dir, str(dense_dir), inv["dense"]),
+                                        "sparse": model_facts(sparse_dir, str(sparse_dir), inv["sparse"])}}
+    suite["sparsity"] = suite["models"]["sparse"]["sparsity"]
+    suite["bounds"] = {var: bounds_for(inv[var], sparse=var == "sparse", prompt_lens=settings.prompt_lens,
+                                       decode_past=settings.decode_past, flops_per_s=rates["flops_per_s"],
+                                       bytes_per_s=rates["bytes_per_s"]) for var in ("dense", "sparse")}
+    suite["machine_rates"] = rates
+    exports: dict[str, Path] = {}
+    for rt, why in skipped.items():
+        suite["runtimes"][rt] = {"status": "skipped", "note": why}
+    cols = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*cols, console=err, disable=not progress, transient=True) as prog:
+        task = prog.add_task(name, total=None)
+        for rt in runtimes:
+            res: dict[str, Any] = {"status": "ok"}
+            try:
+                for var, model_dir in (("dense", dense_dir), ("sparse", sparse_dir)):
+                    if rt in ONNX_RUNTIMES:
+                        if var not in exports:
+                            given = dense_export if var == "dense" else sparse_export
+                            exports[var] = given or ensure_deepsparse_export(model_dir, export_root / var / "deepsparse",
+                                                                             max_len=needed_max_len(settings), threads=threads)
+                        path = exports[var]
+                    else:
+                        path = model_dir
+                    fac = make_factory(path, rt, threads)
+                    res[var] = bench_phases(fac, settings, vocab,
+                                            on_step=lambda m, rt=rt, var=var: prog.update(task, description=f"{name}: {rt} {var}: {m}"))
+                    res[var]["model_path"] = str(path)
+            except UserError:
+                raise
+            except Exception as e:  # a runtime failing on this model is reported, the others still run
+                err.print(f"[yellow]warning:[/yellow] {rt} failed on {name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                res = {"status": "error", "note": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", **{k: v for k, v in res.items() if k in ("dense", "sparse")}}
+            suite["runtimes"][rt] = res
+    suite["exports"] = {k: str(v) for k, v in exports.items()}
+    from .report import finalize_suite
+
+    return finalize_suite(suite)
+
+
+# ---- accuracy ---------------------------------------------------------------------------------------------------
+
+def accuracy(opts: BenchOptions, dense_spec: str, sparse_dir: Path, notes: list[str]) -> dict[str, Any]:
+    from ..console import err
+    from ..models import load_model
+
+    acc: dict[str, Any] = {}
+    want_ppl = opts.ppl_data is not None
+    tasks: dict[str, str | None] = dict(opts.task_data)
+    tasks.update({t: None for t in opts.tasks})
+    if not want_ppl:
+        notes.append("perplexity not measured: pass --ppl-data PATH (e.g. wikitext-2-raw/wiki.test.raw)")
+    if not tasks:
+        notes.append("zero-shot not measured: pass --task-data NAME=PATH (piqa, arc_easy, boolq, hellaswag, ...) or --tasks")
+    if not want_ppl and not tasks:
+        return acc
+    zs_fn = None
+    if tasks:
+        try:
+            from ..evaluation.zeroshot import evaluate_zeroshot as zs_fn  # type: ignore[no-redef]
+        except ImportError as e:
+            notes.append(f"zero-shot skipped: losa_deploy.evaluation.zeroshot unavailable ({e})")
+    if want_ppl:
+        acc["perplexity"] = {"data": opts.ppl_data, "data_name": Path(str(opts.ppl_data)).name, "seqlen": opts.ppl_seqlen,
+                             "max_tokens": opts.ppl_max_tokens, "protocol": "evaluate command (METHODS §5), fp32, cpu"}
+    if zs_fn is not None:
+        acc["zeroshot"] = {"tasks_requested": tasks, "limit": opts.limit}
+    for var, spec in (("dense", dense_spec), ("sparse", str(sparse_dir))):
+        err.print(f"accuracy: {var} ({spec})")
+        model, tok = load_model(spec, dtype="float32", device="cpu")
+        if want_ppl:
+            from ..evaluation.perplexity import evaluate_perplexity
+
+            acc["perplexity"][var] = evaluate_perplexity(model, tok, str(opts.ppl_data), opts.ppl_seqlen,
+                                                         max_tokens=opts.ppl_max_tokens, progress=opts.progress).to_dict()
+        if zs_fn is not None:
+            acc["zeroshot"][var] = zs_fn(model, tok, tasks, opts.limit, progress=opts.progress)
+        del model
+    return acc
+
+
+# ---- main entry -------------------------------------------------------------------------------------------------
+
+def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Measure, write `<out>/report.json|md`, `plots/`; returns (report, written paths)."""
+    import torch
+
+    from ..console import err, out
+    from ..models import resolve_model
+    from .bounds import inventory_from_dir, measure_bandwidth, measure_peak_flops
+    from .latency import LatencySettings
+    from .report import new_report, rich_tables, write_report
+    from .shapes import build_shape_pair, linear_rates_from_model, validate_blocks
+    from .timing import resolve_threads
+
+    if opts.sparse_dir is None:
+        raise UserError("give SPARSE_DIR (a compressed model directory), or only --compare REPORT.json ...")
+    sparse_dir = Path(opts.sparse_dir).expanduser()
+    if not sparse_dir.is_dir() or not (sparse_dir / "config.json").is_file():
+        raise UserError(f"SPARSE_DIR '{sparse_dir}' is not a model directory (expected config.json): pass the output of 'compress'")
+    if not opts.baseline:
+        raise UserError("--baseline is required: the dense model the sparse one came from (directory or alias, e.g. smollm2-135m)")
+    src = resolve_model(opts.baseline)
+    if not src.is_local:
+        raise UserError(f"--baseline '{opts.baseline}' must be a local directory or alias (bench exports it, which needs its files)")
+    dense_dir = Path(src.path)
+    sparse_cfg = json.loads((sparse_dir / "config.json").read_text())
+    dense_cfg = json.loads((dense_dir / "config.json").read_text())
+    check_same_architecture(sparse_cfg, dense_cfg, str(sparse_dir), opts.baseline)
+    if opts.batch != 1:
+        raise UserError("--batch: the runners time batch 1 only (the fixed-shape DeepSparse contract); use --batch 1")
+    for flag, v in (("--decode-past", opts.decode_past), ("--warmup", opts.warmup)):
+        if v < 0:
+            raise UserError(f"{flag} must be >= 0 (got {v})")
+    if opts.repeats < 1:
+        raise UserError(f"--repeats must be >= 1 (got {opts.repeats})")
+    if opts.decode_tokens < 0 or opts.gen_tokens < 0:
+        raise UserError("--decode-tokens and --gen-tokens must be >= 0")
+    if opts.decode_tokens > 0 and opts.decode_past < 1:
+        raise UserError("--decode-past must be >= 1 (the decode phase starts from a prefilled past)")
+    if opts.shapes:
+        validate_blocks(opts.blocks)
+    if opts.sparsity is not None and not 0 <= opts.sparsity < 1:
+        raise UserError(f"--sparsity must be in [0, 1) (got {opts.sparsity})")
+    threads = resolve_threads(opts.threads)
+    settings = LatencySettings(tuple(opts.prompt_lens), opts.decode_past, opts.decode_tokens, opts.gen_tokens, opts.batch,
+                               opts.warmup, opts.repeats, opts.seed)
+    runtimes, skipped = ([], {}) if opts.skip_latency else select_runtimes(opts.runtimes)
+    out_dir = Path(opts.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rep = new_report({"threads": threads, "latency": settings.to_dict(), "runtimes_requested": list(opts.runtimes) if opts.runtimes else None,
+                      "runtimes_run": runtimes, "runtimes_skipped": skipped, "shapes": opts.shapes, "blocks": opts.blocks if opts.shapes else None,
+                      "sparsity_override": opts.sparsity, "skip_accuracy": opts.skip_accuracy, "skip_latency": opts.skip_latency},
+                     opts.command or sys.argv)
+    inv_s = inventory_from_dir(sparse_dir)
+    inv_d = inventory_from_dir(dense_dir)
+    rep["models"] = {"dense": model_facts(dense_dir, opts.baseline, inv_d), "sparse": model_facts(sparse_dir, str(sparse_dir), inv_s)}
+    bs = block_sparsity(sparse_dir, inv_s)
+    rep["models"]["sparse"]["block_sparsity"] = bs
+    rep["notes"].append("figures are medians over repeats after warm-up; speed-up = dense median / sparse median; "
+                        "peak RSS is the whole process's high-water mark while that runtime ran")
+    if skipped:
+        rep["notes"] += [f"runtime {k} skipped: {v}" for k, v in skipped.items()]
+    if not opts.skip_latency and runtimes:
+        err.print(f"measuring machine peaks ({threads} threads)")
+        fl = measure_peak_flops(threads)
+        bw = measure_bandwidth()
+        rates = {"flops_per_s": fl["flops_per_s"], "flops_method": fl["method"], "bytes_per_s": bw["bytes_per_s"], "bandwidth_method": bw["method"]}
+        rep["machine_rates"] = rates
+        cpu_rts = [r for r in runtimes if r not in GPU_RUNTIMES]
+        gpu_rts = [r for r in runtimes if r in GPU_RUNTIMES]
+        suites_rts = [rt for rt in cpu_rts + gpu_rts]
+        export_root = out_dir / "exports"
+        if not (opts.shapes and opts.skip_model_latency):
+            rep["suites"].append(latency_suite(
+                "model", f"{sparse_dir.name} vs {opts.baseline} ({dense_cfg.get('model_type')}, {dense_cfg.get('num_hidden_layers')} blocks)",
+                dense_dir, sparse_dir, suites_rts, skipped, settings, threads, export_root / "model", rates, opts.progress))
+        if opts.shapes:
+            lr: dict[str, float] | float = opts.sparsity if opts.sparsity is not None else linear_rates_from_model(sparse_dir)
+            tag = f"{opts.shapes}-{opts.blocks}b-" + (f"s{opts.sparsity:g}" if opts.sparsity is not None else "rates")
+            shape_root = out_dir / "shapes" / tag
+            err.print(f"building {opts.blocks} {opts.shapes}-shaped blocks (dense + sparse) in {shape_root}")
+            info = build_shape_pair(shape_root, shape=opts.shapes, blocks=opts.blocks, rates=lr, seed=opts.seed, progress=opts.progress)
+            suite = latency_suite(
+                f"shapes:{opts.shapes}x{opts.blocks}",
+                f"{opts.blocks} random decoder blocks with {opts.shapes} shapes, magnitude-pruned per row; {info['settings']['lm_head']}",
+                Path(info["dense_dir"]), Path(info["sparse_dir"]), suites_rts, skipped, settings, threads, shape_root / "exports", rates, opts.progress)
+            suite["shapes"] = info["settings"]
+            rep["suites"].append(suite)
+    if not opts.skip_accuracy:
+        rep["accuracy"] = accuracy(opts, str(dense_dir) if opts.baseline is None else opts.baseline, sparse_dir, rep["notes"])
+    paths = write_report(rep, out_dir, bs)
+    for t in rich_tables(rep):
+        out.print(t)
+    return rep, paths
+
+
+def run_compare(report_paths: Sequence[Path], out_dir: Path | None, extra: Sequence[tuple[str, dict[str, Any]]] = ()) -> tuple[dict[str, Any], dict[str, Path]]:
+    from ..atomic import write_json, write_text
+    from ..console import out
+    from .report import compare_reports, compare_rich_table, labels_for, load_report, render_compare_markdown
+
+    reps = [(lab, load_report(p)) for lab, p in zip(labels_for(report_paths), report_paths)] + list(extra)
+    cmp = compare_reports(reps)
+    out.print(compare_rich_table(cmp))
+    for w in cmp["warnings"]:
+        out.print(f"[yellow]warning:[/yellow] {w}")
+    paths: dict[str, Path] = {}
+    if out_dir is not None:
+        paths["json"] = write_json(Path(out_dir) / "compare.json", cmp)
+        paths["md"] = write_text(Path(out_dir) / "compare.md", render_compare_markdown(cmp))
+    return cmp, paths

@@ -1,0 +1,221 @@
+"""Physical bounds: how fast each phase could possibly run on this machine, so a speed-up can be judged.
+
+- Prefill is compute-bound: bound = FLOPs / peak FLOP/s, peak measured here with a dense fp32 matmul. For the sparse
+  model the FLOPs count only non-zero weights (what an ideal sparse kernel does).
+- Decode (batch 1) is memory-bound: every step reads every weight once. bound = bytes / bandwidth, bandwidth measured
+  here with a large numpy copy (read + write counted). Dense weights cost 4 B/param (fp32); sparse weights are counted as
+  a bitmask (1 bit/param) + the non-zero values (4 B each), the smallest plain sparse encoding; a tensor is never
+  counted larger than dense. The KV-cache read per step is added to both.
+
+`% of bound` = bound time / measured time: 100% means the runtime reaches the hardware limit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+FP32 = 4
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    rows: int
+    cols: int
+    nnz: int
+    role: str  # "block_linear" | "lm_head" | "embedding" | "other"
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass
+class WeightInventory:
+    """What a forward pass reads: 2-D weights with their non-zero counts, plus the attention geometry."""
+
+    tensors: list[TensorInfo]
+    num_layers: int
+    hidden: int
+    num_heads: int
+    kv_dim: int  # num_key_value_heads * head_dim
+    other_params: int = 0  # 1-D tensors (norms, biases): read every step, counted dense
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tensors"] = len(self.tensors)
+        return d
+
+
+@dataclass
+class Bound:
+    phase: str
+    work: float  # FLOPs (prefill) or bytes (decode)
+    unit: str  # "FLOP" | "B"
+    rate: float  # FLOP/s or B/s measured on this machine
+    seconds: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sparse_tensor_bytes(numel: int, nnz: int, value_bytes: int = FP32) -> int:
+    """Bitmask + values, never more than the dense encoding."""
+    return min(numel * value_bytes, -(-numel // 8) + nnz * value_bytes)
+
+
+def decode_bytes(inv: WeightInventory, past: int, sparse: bool, value_bytes: int = FP32) -> dict[str, float]:
+    """Bytes one decode step must move: weights (block linears + lm_head; one embedding row), KV cache, small tensors."""
+    weights = 0
+    for t in inv.tensors:
+        if t.role == "embedding":
+            weights += t.cols * value_bytes  # one row is gathered
+        elif sparse:
+            weights += sparse_tensor_bytes(t.numel, t.nnz, value_bytes)
+        else:
+            weights += t.numel * value_bytes
+    kv = 2 * inv.num_layers * past * inv.kv_dim * value_bytes
+    other = inv.other_params * value_bytes
+    return {"weights": float(weights), "kv_cache": float(kv), "other": float(other), "total": float(weights + kv + other)}
+
+
+def prefill_flops(inv: WeightInventory, prompt_len: int, sparse: bool) -> dict[str, float]:
+    """FLOPs of a prefill of `prompt_len` tokens producing logits for every position (as the runners do).
+
+    Matmuls: 2 * P * (weights used); attention: QK^T and AV over the full P x P square (what the runtimes compute
+    with a mask), 2 * 2 * P^2 * hidden per layer. Sparse counts only non-zero weights; attention stays dense.
+    """
+    p = prompt_len
+    lin = 0.0
+    for t in inv.tensors:
+        if t.role == "embedding":
+            continue
+        lin += 2.0 * p * (t.nnz if sparse else t.numel)
+    attn = 4.0 * p * p * inv.hidden * inv.num_layers
+    return {"linear": lin, "attention": attn, "total": lin + attn}
+
+
+def prefill_bound(inv: WeightInventory, prompt_len: int, sparse: bool, flops_per_s: float) -> Bound:
+    f = prefill_flops(inv, prompt_len, sparse)
+    return Bound(f"prefill_{prompt_len}", f["total"], "FLOP", flops_per_s, f["total"] / flops_per_s, f)
+
+
+def decode_bound(inv: WeightInventory, past: int, sparse: bool, bytes_per_s: float) -> Bound:
+    b = decode_bytes(inv, past, sparse)
+    return Bound("decode", b["total"], "B", bytes_per_s, b["total"] / bytes_per_s, b)
+
+
+def percent_of_bound(bound_s: float, measured_s: float) -> float | None:
+    if not measured_s or measured_s <= 0 or bound_s is None:
+        return None
+    return 100.0 * bound_s / measured_s
+
+
+# ---- inventory from a model directory ---------------------------------------------------------------------------
+
+_LAYER_RE = re.compile(r"\.(?:layers|h|blocks|decoder\.layers)\.\d+\.")
+
+
+def classify(name: str) -> str:
+    if "embed_tokens" in name or name.endswith("wte.weight") or "embed_in" in name:
+        return "embedding"
+    if name.startswith("lm_head") or ".lm_head" in name or "embed_out" in name:
+        return "lm_head"
+    if _LAYER_RE.search("." + name):
+        return "block_linear"
+    return "other"
+
+
+def inventory_from_dir(model_dir: str | Path) -> WeightInventory:
+    """Read every weight of an HF checkpoint (safetensors) once and count its non-zeros."""
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    cfg = json.loads((d / "config.json").read_text())
+    files = sorted(d.glob("*.safetensors"))
+    files = [f for f in files if f.name != "sparsity_masks.safetensors"]
+    if not files:
+        from ..errors import UserError
+
+        raise UserError(f"'{d}' has no *.safetensors weights: save the model with safe_serialization=True")
+    tensors: list[TensorInfo] = []
+    other = 0
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                t = fh.get_tensor(name)
+                names.add(name)
+                if t.dim() == 2:
+                    tensors.append(TensorInfo(name, int(t.shape[0]), int(t.shape[1]), int((t != 0).sum()), classify(name)))
+                else:
+                    other += int(t.numel())
+    if not any(t.role == "lm_head" for t in tensors):
+        emb = next((t for t in tensors if t.role == "embedding"), None)
+        if emb is not None and cfg.get("tie_word_embeddings", True):
+            tensors.append(TensorInfo("lm_head.weight(tied)", emb.rows, emb.cols, emb.nnz, "lm_head"))
+    return inventory_from_config(cfg, tensors, other)
+
+
+def inventory_from_config(cfg: dict[str, Any], tensors: list[TensorInfo], other_params: int = 0) -> WeightInventory:
+    hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model"))
+    layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer"))
+    heads = int(cfg.get("num_attention_heads") or cfg.get("n_head"))
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    return WeightInventory(tensors, layers, hidden, heads, kv_heads * head_dim, other_params)
+
+
+# ---- measured machine rates -------------------------------------------------------------------------------------
+
+def measure_peak_flops(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, Any]:
+    """Best fp32 GEMM rate (FLOP/s) with `threads` threads: an upper bound any dense or sparse kernel can reach."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g)
+        b = torch.randn(n, n, generator=g)
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    flops = 2.0 * n**3
+    return {"flops_per_s": flops / best, "method": f"torch.mm fp32 {n}x{n}, {threads} threads, best of {repeats}"}
+
+
+def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> dict[str, Any]:
+    """Best large-copy bandwidth (B/s), read + write counted; arrays far larger than any cache."""
+    import numpy as np
+
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return {"bytes_per_s": 2.0 * src.nbytes / best, "method": f"numpy copyto {src.nbytes >> 20} MiB, read+write, best of {repeats}"}
+
+
+def bounds_for(
+    inv: WeightInventory, *, sparse: bool, prompt_lens: Sequence[int], decode_past: int, flops_per_s: float, bytes_per_s: float
+) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for p in prompt_lens:
+        out[f"prefill_{p}"] = prefill_bound(inv, p, sparse, flops_per_s).to_dict()
+    out["decode"] = decode_bound(inv, decode_past, sparse, bytes_per_s).to_dict()
+    return out

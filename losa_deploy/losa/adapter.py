@@ -1,0 +1,193 @@
+"""Masked LoRA adapters: `y = W x + (alpha/r) ((B A) ⊙ M) x`, merged as `W + (alpha/r)(B A) ⊙ M`.
+
+Why not PEFT: a PEFT LoRA layer replaces each `nn.Linear` with a `LoraLayer` wrapper, which the sequential
+pruning pipeline (`model_parts.find_linears`, by `isinstance(nn.Linear)`) would no longer see, and its
+merge/unmerge assume an unmasked update with a fixed per-layer rank. LoSA needs the opposite at every step:
+merge into plain linears, prune them with the shared pipeline, un-merge against the *new* mask, and change each
+block's active rank. A small adapter attached with a forward hook keeps the base model's modules untouched
+(the pipeline, `save_pretrained` and vanilla transformers see ordinary linears) and keeps the mask explicit.
+
+Adapters are allocated once at `r_max` (the rank cap) and the active rank `r <= r_max` slices A and B, so a rank
+never exceeds what was allocated (the reference allocates r=8 and silently caps ranks up to 16 at 8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+
+class MaskedLoRA(nn.Module):
+    """One linear's adapter. A: [r_max, in], B: [out, r_max]; `rank` active components; `mask` bool [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, r_max: int, alpha: float, dropout: float,
+                 mask: Tensor | None = None, device: torch.device | str = "cpu", generator: torch.Generator | None = None):
+        super().__init__()
+        if r_max < 1:
+            raise ValueError(f"r_max must be >= 1 (got {r_max})")
+        self.r_max = int(r_max)
+        self.rank = int(r_max)
+        self.alpha = float(alpha)
+        self.A = nn.Parameter(torch.empty(r_max, in_features, device=device, dtype=torch.float32))
+        self.B = nn.Parameter(torch.zeros(out_features, r_max, device=device, dtype=torch.float32))
+        # PEFT's default init: kaiming-uniform A (a = sqrt(5)), zero B, so the update starts at exactly 0.
+        bound = 1.0 / math.sqrt(in_features)  # = kaiming_uniform_(a=sqrt(5)) bound for fan_in = in_features
+        with torch.no_grad():
+            self.A.uniform_(-bound, bound, generator=generator)
+        m = torch.ones(out_features, in_features, dtype=torch.bool, device=device) if mask is None else mask.to(device)
+        self.register_buffer("mask", m.bool(), persistent=True)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> Tensor:
+        """(alpha/r) (B[:, :r] A[:r]) ⊙ M, fp32 [out, in]: exactly 0 wherever the mask is False."""
+        r = self.rank
+        d = (self.B[:, :r] @ self.A[:r]) * self.scaling
+        return d * self.mask.to(d.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = self.delta()
+        x = self.dropout(x)
+        return F.linear(x.to(d.dtype) if not torch.is_autocast_enabled() else x, d)
+
+
+def _hook(adapter: MaskedLoRA):
+    def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        if not adapter.enabled:
+            return out
+        return out + adapter(args[0]).to(out.dtype)
+
+    return hook
+
+
+@dataclass
+class AdapterSet:
+    """Adapters of every pruned linear, keyed by the linear's full weight name, plus their hook handles."""
+
+    adapters: dict[str, MaskedLoRA]
+    linears: dict[str, nn.Linear]
+    block_of: dict[str, int]
+    handles: list
+
+    def parameters(self) -> Iterable[nn.Parameter]:
+        for name in sorted(self.adapters):
+            yield self.adapters[name].A
+            yield self.adapters[name].B
+
+    def set_enabled(self, on: bool) -> None:
+        for a in self.adapters.values():
+            a.enabled = on
+
+    def train(self, on: bool = True) -> None:
+        for a in self.adapters.values():
+            a.train(on)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name, a in self.adapters.items():
+            out[f"{name}.A"] = a.A.detach().cpu().clone()
+            out[f"{name}.B"] = a.B.detach().cpu().clone()
+            out[f"{name}.mask"] = a.mask.cpu().clone()
+        return out
+
+    def ranks(self) -> dict[str, int]:
+        return {n: a.rank for n, a in self.adapters.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor], ranks: dict[str, int]) -> None:
+        with torch.no_grad():
+            for name, a in self.adapters.items():
+                a.A.copy_(state[f"{name}.A"])
+                a.B.copy_(state[f"{name}.B"])
+                a.mask.copy_(state[f"{name}.mask"])
+                a.rank = int(ranks[name])
+
+
+def attach_adapters(linears: dict[str, tuple[int, nn.Linear]], r_max: int, alpha: float, dropout: float,
+                    seed: int = 0) -> AdapterSet:
+    """A masked adapter (all-ones mask, zero update) on each `{full weight name: (block, linear)}`, via hooks."""
+    gen = torch.Generator().manual_seed(seed)
+    adapters: dict[str, MaskedLoRA] = {}
+    lin_map: dict[str, nn.Linear] = {}
+    block_of: dict[str, int] = {}
+    handles = []
+    for name in sorted(linears):
+        bi, lin = linears[name]
+        a = MaskedLoRA(lin.in_features, lin.out_features, r_max, alpha, dropout, device="cpu", generator=gen)
+        a.to(lin.weight.device)
+        adapters[name], lin_map[name], block_of[name] = a, lin, bi
+        handles.append(lin.register_forward_hook(_hook(a)))
+    return AdapterSet(adapters, lin_map, block_of, handles)
+
+
+@torch.no_grad()
+def merge_into(weight: Tensor, adapter: MaskedLoRA) -> None:
+    """W <- W + (alpha/r)(B A) ⊙ M in place (in fp32, cast back): off-mask entries of W are left untouched."""
+    d = adapter.delta().detach()
+    keep = adapter.mask
+    w32 = weight.float()
+    w32[keep] += d[keep]
+    weight.copy_(w32.to(weight.dtype))
+
+
+@torch.no_grad()
+def unmerge_from(weight: Tensor, adapter: MaskedLoRA) -> None:
+    """W_base <- W - (alpha/r)(B A) ⊙ M in place, so W_base + delta ⊙ M reproduces W on the mask."""
+    d = adapter.delta().detach()
+    keep = adapter.mask
+    w32 = weight.float()
+    w32[keep] -= d[keep]
+    weight.copy_(w32.to(weight.dtype))
+
+
+@torch.no_grad()
+def set_rank(weight: Tensor, adapter: MaskedLoRA, new_rank: int) -> None:
+    """Change the active rank without changing the layer's function.
+
+    The update before and after differ (dropped components, and the scaling alpha/r changes), so the base
+    weight absorbs the difference on the mask: W_base += (delta_old - delta_new) ⊙ M. Dropped components' B
+    columns are zeroed so a component that is re-activated later starts from a zero update.
+    """
+    new_rank = int(new_rank)
+    if not 1 <= new_rank <= adapter.r_max:
+        raise ValueError(f"rank {new_rank} outside [1, {adapter.r_max}]")
+    if new_rank == adapter.rank:
+        return
+    old = adapter.delta().detach()
+    old_rank = adapter.rank
+    adapter.B[:, min(new_rank, old_rank):].zero_()  # inactive and newly activated components: zero update
+    adapter.rank = new_rank
+    new = adapter.delta().detach()
+    keep = adapter.mask
+    w32 = weight.float()
+    w32[keep] += (old - new)[keep]
+    weight.copy_(w32.to(weight.dtype))
+
+
+def check_zero_pattern(weight: Tensor, mask: Tensor, name: str = "") -> int:
+    """Raise if any weight outside the mask is non-zero; return how many kept weights are exactly 0.
+
+    Kept weights can legitimately be 0 when a block's rate fell and the mask regrew onto pruned positions
+    (the adapter then grows them); every pruned position must be exactly 0.
+    """
+    w = weight.detach()
+    m = mask.to(w.device)
+    if m.shape != w.shape:
+        raise AssertionError(f"{name}: mask {tuple(m.shape)} vs weight {tuple(w.shape)}")
+    if bool((w[~m] != 0).any()):
+        bad = int((w[~m] != 0).sum())
+        raise AssertionError(f"{name}: {bad} weights outside the mask are non-zero")
+    return int((w[m] == 0).sum())

@@ -1,0 +1,101 @@
+"""Find the decoder blocks and their prunable linear layers of any HF causal LM, without per-architecture tables.
+
+The pipeline needs two things from a model: the ModuleList of decoder blocks (pruned one at a time) and, inside a
+block, the `nn.Linear` layers to prune. Embeddings and `lm_head` live outside the blocks, so they are never pruned.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Sequence
+
+import torch.nn as nn
+
+from .errors import UserError
+
+# Where the common families keep their decoder blocks, tried first (fast, unambiguous).
+_KNOWN_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi3, ...
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, Falcon, BLOOM, GPT-J
+    "gpt_neox.layers",  # Pythia / GPT-NeoX
+    "model.language_model.layers",  # multimodal wrappers (Gemma3, Llava...)
+    "transformer.blocks",  # MPT
+)
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    obj: Any = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted name, ModuleList) of the decoder blocks.
+
+    Known paths first; otherwise the largest ModuleList whose length equals `config.num_hidden_layers`
+    (or the largest ModuleList of identical modules), so new architectures usually work without code changes.
+    """
+    for path in _KNOWN_PATHS:
+        ml = _get(model, path)
+        if isinstance(ml, nn.ModuleList) and len(ml) > 0:
+            return path, ml
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(m) for m in mod}) != 1 or not find_linears(mod[0]):
+            continue
+        if n_layers is not None and len(mod) == n_layers:
+            return name, mod
+        if best is None or len(mod) > len(best[1]):
+            best = (name, mod)
+    if best is None:
+        raise UserError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of blocks with linear layers")
+    return best
+
+
+def find_linears(block: nn.Module, ignore: Sequence[str] = (), prefix: str = "") -> dict[str, nn.Linear]:
+    """{name relative to the block: nn.Linear}, in module order, skipping those whose full weight name
+    (`prefix + name + ".weight"`) or relative name matches an `ignore` fnmatch pattern."""
+    found: dict[str, nn.Linear] = {}
+    for name, mod in block.named_modules():
+        if isinstance(mod, nn.Linear) and name:
+            full = f"{prefix}{name}.weight"
+            if is_ignored(full, ignore) or is_ignored(name, ignore):
+                continue
+            found[name] = mod
+    return found
+
+
+def is_ignored(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def block_prefix(blocks_name: str, index: int) -> str:
+    """Parameter-name prefix of block `index`, e.g. `model.layers.3.`."""
+    return f"{blocks_name}.{index}."
+
+
+def prunable_linears(model: nn.Module, ignore: Sequence[str] = ()) -> dict[str, tuple[int, nn.Linear]]:
+    """{full weight name: (block index, linear)} for every linear the pipeline would prune."""
+    name, blocks = find_blocks(model)
+    out: dict[str, tuple[int, nn.Linear]] = {}
+    for i, blk in enumerate(blocks):
+        pre = block_prefix(name, i)
+        for lname, lin in find_linears(blk, ignore, prefix=pre).items():
+            out[f"{pre}{lname}.weight"] = (i, lin)
+    return out
+
+
+def block_param_counts(model: nn.Module, ignore: Sequence[str] = ()) -> list[int]:
+    """Prunable weight count per block (the weights for a parameter-weighted mean sparsity)."""
+    name, blocks = find_blocks(model)
+    return [
+        sum(lin.weight.numel() for lin in find_linears(blk, ignore, prefix=block_prefix(name, i)).values())
+        for i, blk in enumerate(blocks)
+    ]

@@ -1,0 +1,141 @@
+"""LoSA pure parts: masked merge keeps the exact zero pattern, schedules, exact rank rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from losa_deploy.errors import UserError
+from losa_deploy.losa.adapter import MaskedLoRA, check_zero_pattern, merge_into, set_rank, unmerge_from
+from losa_deploy.losa.ranks import allocate_ranks, uniform_ranks
+from losa_deploy.losa.schedule import rank_schedule, sparsity_schedule
+from losa_deploy.losa.train import split_slices
+
+
+@settings(max_examples=40, deadline=None)
+@given(out_f=st.integers(1, 24), in_f=st.integers(1, 24), r_max=st.integers(1, 6), seed=st.integers(0, 10_000),
+       density=st.floats(0.0, 1.0), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_masked_merge_keeps_exact_zero_pattern(out_f, in_f, r_max, seed, density, dtype):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(out_f, in_f, generator=g) < density
+    w = (torch.randn(out_f, in_f, generator=g) * mask).to(dtype)
+    a = MaskedLoRA(in_f, out_f, r_max, alpha=16.0, dropout=0.0, mask=mask, generator=g)
+    with torch.no_grad():
+        a.B.normal_(generator=g)
+    a.rank = 1 + seed % r_max
+    delta = a.delta().detach()
+    assert bool((delta[~mask] == 0).all())
+    merge_into(w, a)
+    assert bool((w[~mask] == 0).all())  # pruned positions stay exactly zero
+    check_zero_pattern(w, mask)
+    unmerge_from(w, a)
+    assert bool((w[~mask] == 0).all())
+    set_rank(w, a, 1 + (seed + 1) % r_max)
+    assert bool((w[~mask] == 0).all())
+
+
+def test_masked_adapter_forward_and_merge_agree():
+    torch.manual_seed(0)
+    mask = torch.rand(6, 10) > 0.5
+    lin = torch.nn.Linear(10, 6, bias=False)
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    a = MaskedLoRA(10, 6, 4, alpha=8.0, dropout=0.0, mask=mask)
+    with torch.no_grad():
+        a.B.normal_()
+    a.rank = 3
+    x = torch.randn(5, 10)
+    y_adapter = lin(x) + a(x)
+    # hand formula: y = W x + (alpha/r)((B A) ⊙ M) x
+    manual = x @ (lin.weight + (8.0 / 3) * (a.B[:, :3] @ a.A[:3]) * mask).T
+    torch.testing.assert_close(y_adapter, manual, rtol=1e-5, atol=1e-5)
+    merge_into(lin.weight.data, a)
+    torch.testing.assert_close(lin(x), manual, rtol=1e-5, atol=1e-5)
+    assert bool((lin.weight[~mask] == 0).all())
+
+
+def test_set_rank_keeps_function():
+    torch.manual_seed(1)
+    mask = torch.rand(8, 12) > 0.3
+    w = torch.randn(8, 12) * mask
+    a = MaskedLoRA(12, 8, 6, alpha=16.0, dropout=0.0, mask=mask)
+    with torch.no_grad():
+        a.B.normal_()
+    a.rank = 5
+    before = w + a.delta().detach()
+    set_rank(w, a, 2)
+    torch.testing.assert_close(w + a.delta().detach(), before, rtol=1e-5, atol=1e-5)
+    assert bool((a.B[:, 2:] == 0).all())
+    set_rank(w, a, 6)  # re-activated components start from a zero update
+    torch.testing.assert_close(w + a.delta().detach(), before, rtol=1e-5, atol=1e-5)
+
+
+def test_check_zero_pattern_catches_leak():
+    mask = torch.tensor([[True, False], [False, True]])
+    w = torch.tensor([[1.0, 0.0], [1e-30, 2.0]])
+    with pytest.raises(AssertionError):
+        check_zero_pattern(w, mask)
+    assert check_zero_pattern(torch.tensor([[0.0, 0.0], [0.0, 2.0]]), mask) == 1  # one kept weight is 0 (regrown)
+
+
+def test_cubic_schedule_hand_values():
+    assert [round(s, 3) for s in sparsity_schedule(0.7, 5)] == [0.342, 0.549, 0.655, 0.694, 0.700]
+    assert sparsity_schedule(0.7, 5)[-1] == 0.7
+    assert sparsity_schedule(0.5, 1) == [0.5]
+    with pytest.raises(UserError):
+        sparsity_schedule(0.5, 0)
+
+
+def test_rank_schedule_hand_values():
+    assert rank_schedule(6, 10, 5) == [6.0, 7.0, 8.0, 9.0, 10.0]
+    assert rank_schedule(6, 10, 1) == [10.0]
+    assert rank_schedule(4, 8, 3) == [4.0, 6.0, 8.0]
+
+
+def test_rank_rounding_hand_case():
+    # L=4, Omega=5 -> total 20; ideal 20*e/sum(e) = [2, 4, 6, 8] exactly
+    assert allocate_ranks([1, 2, 3, 4], 5, 16) == [2, 4, 6, 8]
+    # ideal [1.5, 3, 4.5, 11] with cap 8 -> 8 fixed, rest 12 spread 1:2:3 -> [2, 4, 6] (exact)
+    assert allocate_ranks([1, 2, 3, 7.3333333], 5, 8) == [2, 4, 6, 8]
+    # remainders: ideal 9 * [1,1,1]/3 = 3 each with L*Omega = 9
+    assert allocate_ranks([1, 1, 1], 3, 16) == [3, 3, 3]
+    # 10 * [0.5, 0.25, 0.25] over L=3 Omega=10/3 -> [5, 2.5, 2.5]: one .5 goes up (tie -> earlier block)
+    assert allocate_ranks([2, 1, 1], 10 / 3, 16) == [5, 3, 2]
+
+
+def test_rank_floor_and_cap_redistribution():
+    # a block with zero error still gets rank 1; what it takes is removed from the others; mean exact
+    r = allocate_ranks([0.0, 1.0, 1.0, 1.0], 6, 16)
+    assert r[0] == 1 and sum(r) == 24
+    r = allocate_ranks([100, 1, 1, 1], 10, 16)
+    assert r[0] == 16 and sum(r) == 40 and max(r) <= 16
+
+
+@settings(max_examples=100, deadline=None)
+@given(errs=st.lists(st.floats(0.0, 10.0), min_size=1, max_size=40), cap=st.integers(1, 32), frac=st.floats(0, 1))
+def test_rank_rounding_mean_exact_and_caps(errs, cap, frac):
+    L = len(errs)
+    omega = 1 + round(frac * (cap - 1) * L) / L  # L*omega is an integer in [L, L*cap]
+    r = allocate_ranks(errs, omega, cap)
+    assert sum(r) == round(L * omega)
+    assert all(1 <= x <= cap for x in r)
+    if sum(errs) > 0:  # monotone in the error
+        order = sorted(range(L), key=lambda i: errs[i])
+        assert all(r[order[i]] <= r[order[i + 1]] + 1 for i in range(L - 1))
+
+
+def test_uniform_ranks_and_errors():
+    assert uniform_ranks(4, 8, 16) == [8, 8, 8, 8]
+    assert sum(uniform_ranks(3, 7.0, 16)) == 21
+    with pytest.raises(UserError):
+        allocate_ranks([1, 2], 20, 16)
+    with pytest.raises(UserError):
+        allocate_ranks([1, 2], 1, 0)
+
+
+def test_split_slices_disjoint():
+    sl = split_slices(10, 3)
+    assert sl == [(0, 4), (4, 7), (7, 10)]
+    covered = [i for a, b in sl for i in range(a, b)]
+    assert covered == list(range(10))

@@ -1,0 +1,185 @@
+"""LoSA end to end on a tiny random Llama: exact sparsity, manifest content, resume == uninterrupted, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from losa_deploy.errors import UserError
+from losa_deploy.losa.run import run_losa, validate_losa
+from losa_deploy.losa.state import STATE_FILE
+from losa_deploy.recipe import CompressRecipe
+from tiny import byte_tokenizer, tiny_model
+
+SMALL = dict(layers=2, hidden=32, inter=64, heads=4, kv_heads=2)
+
+
+def _recipe(tmp_path, text_file, **kw) -> CompressRecipe:
+    base = dict(out=str(tmp_path / "out"), method="losa", sparsity=0.5, allocation="rmi", calib_data=str(text_file),
+                nsamples=8, seqlen=32, seed=0, losa_steps=2, losa_rank_min=2, losa_rank_max=4, losa_rank_cap=6,
+                losa_train_data=str(text_file), losa_train_samples=12, losa_train_seqlen=32, losa_batch_size=4,
+                losa_lr=1e-3)
+    base.update(kw)
+    return CompressRecipe(**base)
+
+
+def _zero_pattern_exact(model, masks):
+    for name, mask in masks.items():
+        w = model.get_parameter(name)
+        assert bool((w[~mask] == 0).all()), name
+
+
+def test_full_losa_run_tiny(tmp_path, text_file):
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rec = _recipe(tmp_path, text_file)
+    res = run_losa(model, tok, rec, tmp_path / "work", progress=False)
+    assert len(res.masks) == 4 * 7
+    _zero_pattern_exact(model, res.masks)
+    # the final mean sparsity is the target; every block within the RMI box (delta 0.01 at S=0.5)
+    kept = sum(int(m.sum()) for m in res.masks.values())
+    total = sum(m.numel() for m in res.masks.values())
+    assert abs(1 - kept / total - 0.5) < 0.02
+    man = res.manifest
+    assert [round(s["sparsity_target"], 4) for s in man["steps"]] == [0.4375, 0.5]
+    assert [s["omega"] for s in man["steps"]] == [2.0, 4.0]
+    for s in man["steps"]:
+        assert sum(s["block_ranks"]) == 4 * s["omega"] and max(s["block_ranks"]) <= 6
+        assert len(s["recon_error"]) == 4 and all(e > 0 for e in s["recon_error"])
+        assert all(abs(r - s["sparsity_target"]) <= 0.0101 for r in s["block_rates"])
+    assert len(man["loss_curve"]) == man["optimizer"]["total_steps"] == 4  # 12 samples / 2 steps / batch 4
+    assert all(k in man["timings"] for k in ("rmi_s", "prune_s", "train_s", "merge_s"))
+    json.dumps(man)  # manifest-ready
+    assert (tmp_path / "work" / "losa_schedule.png").is_file() and "losa_schedule.png" in res.files
+    assert (tmp_path / "work" / STATE_FILE).is_file()
+    # no hooks left behind, training changed the kept weights (adapters merged), embeddings untouched
+    assert all(not m._forward_hooks for m in model.modules())
+    name = next(iter(res.masks))
+    assert not torch.equal(model.get_parameter(name)[res.masks[name]], dense[name][res.masks[name]])
+    assert torch.equal(model.get_parameter("model.embed_tokens.weight"), dense["model.embed_tokens.weight"])
+
+
+def test_resume_equals_uninterrupted(tmp_path, text_file):
+    tok = byte_tokenizer()
+    rec = _recipe(tmp_path, text_file, losa_steps=3, losa_train_samples=9, nsamples=4, losa_batch_size=2)
+    m1 = tiny_model("llama", **SMALL)
+    full = run_losa(m1, tok, rec, tmp_path / "a", progress=False)
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def interrupt(step):
+        if step == 1:
+            raise Stop()
+
+    m2 = tiny_model("llama", **SMALL)
+    with pytest.raises(Stop):
+        run_losa(m2, tok, rec, tmp_path / "b", progress=False, on_step_end=interrupt)
+    assert all(not m._forward_hooks for m in m2.modules())
+    m3 = tiny_model("llama", **SMALL)  # a fresh process would reload the dense model
+    rec.resume = True
+    resumed = run_losa(m3, tok, rec, tmp_path / "b", progress=False)
+    assert resumed.manifest["resumed_from_step"] == 1
+    assert full.masks.keys() == resumed.masks.keys()
+    for n in full.masks:
+        assert torch.equal(full.masks[n], resumed.masks[n]), n
+        torch.testing.assert_close(m1.get_parameter(n), m3.get_parameter(n), rtol=0, atol=1e-6)
+    assert full.manifest["loss_curve"] == pytest.approx(resumed.manifest["loss_curve"], rel=1e-5)
+
+
+def test_resume_other_recipe_refused(tmp_path, text_file):
+    tok = byte_tokenizer()
+    rec = _recipe(tmp_path, text_file, losa_steps=1, losa_train_samples=2, nsamples=4)
+    run_losa(tiny_model("llama", **SMALL), tok, rec, tmp_path / "w", progress=False)
+    other = _recipe(tmp_path, text_file, losa_steps=1, losa_train_samples=2, nsamples=4, losa_lr=5e-4, resume=True)
+    with pytest.raises(UserError, match="different recipe.*losa_lr"):
+        run_losa(tiny_model("llama", **SMALL), tok, other, tmp_path / "w", progress=False)
+
+
+def test_instruction_data_distill_and_nm(tmp_path, text_file):
+    recs = [{"instruction": f"Say the word number {i}.", "input": "", "output": "word " * (5 + i % 7)} for i in range(30)]
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(recs))
+    tok = byte_tokenizer()
+    model = tiny_model("llama", **SMALL)
+    rec = _recipe(tmp_path, text_file, pattern="2:4", sparsity=None, losa_train_data=str(data), nsamples=4,
+                  losa_objective="distill", losa_train_samples=4, losa_train_seqlen=256, losa_mask_method="sparsegpt")
+    res = run_losa(model, tok, rec, tmp_path / "w", progress=False)
+    _zero_pattern_exact(model, res.masks)
+    for m in res.masks.values():  # 2 kept of every 4 consecutive inputs
+        assert bool((m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all())
+    assert res.manifest["objective"] == "distill" and res.manifest["teacher_dtype"] == "float32"
+    assert res.patterns[next(iter(res.patterns))] == "2:4"
+
+
+def test_lm_objective_masks_prompt_tokens(tmp_path):
+    from losa_deploy.losa.train import IGNORE, build_train_samples
+
+    recs = [{"instruction": "Add one and one.", "input": "", "output": "Two."}]
+    data = tmp_path / "a.json"
+    data.write_text(json.dumps(recs))
+    tok = byte_tokenizer()
+    (s,) = build_train_samples(tok, str(data), 1, 512, seed=0)
+    n_prompt = int((s.labels == IGNORE).sum())
+    prompt_len = len(tok(recs and "Below is an instruction", add_special_tokens=True)["input_ids"])
+    assert n_prompt > prompt_len  # the whole Alpaca prompt, not just its first words
+    decoded = tok.decode(s.input_ids[n_prompt:])
+    assert decoded.startswith("Two.")
+    with pytest.raises(UserError, match="fewer than --train-samples"):
+        build_train_samples(tok, str(data), 2, 512, seed=0)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(losa_steps=0), "steps"),
+    (dict(losa_rank_cap=0), "rank-cap"),
+    (dict(losa_rank_max=20), "rank-end"),
+    (dict(allocation="owl"), "rmi"),
+    (dict(losa_train_samples=1), "train-samples"),
+])
+def test_validation_errors(tmp_path, text_file, kw, msg):
+    rec = _recipe(tmp_path, text_file, **kw)
+    with pytest.raises(UserError, match=msg):
+        validate_losa(rec)
+
+
+def test_distill_without_room_refused(tmp_path, text_file, monkeypatch):
+    import psutil
+
+    class VM:
+        available = 1000
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: VM())
+    rec = _recipe(tmp_path, text_file, losa_objective="distill")
+    with pytest.raises(UserError, match="teacher"):
+        validate_losa(rec, tiny_model("llama"))
+
+
+def test_compress_losa_end_to_end_artefact(tiny_dir, text_file, tmp_path):
+    """`compress --method losa` writes a plain HF checkpoint whose zeros are exactly the stored masks."""
+    from transformers import AutoModelForCausalLM
+
+    from losa_deploy.checkpoint import load_masks
+    from losa_deploy.compress import run_compress
+    from losa_deploy.manifest import read_manifest
+
+    out = tmp_path / "out"
+    rec = CompressRecipe(out=str(out), model=str(tiny_dir), method="losa", sparsity=0.6, allocation="rmi",
+                         calib_data=str(text_file), nsamples=4, seqlen=32, losa_steps=2, losa_rank_min=2,
+                         losa_rank_max=4, losa_rank_cap=8, losa_train_data=str(text_file), losa_train_samples=4,
+                         losa_train_seqlen=32, losa_batch_size=2, eval_before=False)
+    run_compress(rec, progress=False)
+    man = read_manifest(out)
+    assert len(man["losa"]["steps"]) == 2 and man["losa"]["zero_pattern_verified"]
+    assert [b["rank"] for b in man["blocks"]] == man["losa"]["ranks"]
+    assert (out / "losa_schedule.png").is_file()
+    assert not (tmp_path / ".out.losa-work").exists()  # the resume state is removed once the output is whole
+    model = AutoModelForCausalLM.from_pretrained(out)
+    masks = load_masks(out)
+    assert len(masks) == 4 * 7
+    for name, mask in masks.items():
+        w = model.get_parameter(name)
+        assert bool((w[~mask.bool()] == 0).all()), name
+    kept = sum(int(m.bool().sum()) for m in masks.values())
+    assert abs(1 - kept / sum(m.numel() for m in masks.values()) - 0.6) < 0.02

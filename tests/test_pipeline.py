@@ -1,0 +1,360 @@
+"""The sequential pipeline on tiny random models: generic block discovery, exact realised sparsity, equality with a
+direct (non-pipeline) Wanda computation, the allocation visitors, masks/manifest artefacts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tiny import tiny_model
+
+from losa_deploy.errors import UserError
+from losa_deploy.model_parts import block_param_counts, find_blocks, find_linears, prunable_linears
+from losa_deploy.recipe import CompressRecipe, PruneSpec
+from losa_deploy.sequential import (
+    capture_block_inputs,
+    check_realised,
+    collect_block_grams,
+    collect_outlier_ratios,
+    collect_wanda_stats,
+    prune_sequential,
+    RealisedSparsityError,
+)
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma", "opt"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from threads, and the test machine is shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ids(n: int = 4, seqlen: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, seqlen), generator=g)
+
+
+def _row_exact(mask: torch.Tensor, s: float) -> bool:
+    cols = mask.shape[1]
+    k = int(s * cols + 1e-9)
+    return bool(((~mask).sum(dim=1) == k).all())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_find_blocks_and_prune_every_arch(arch):
+    model = tiny_model(arch)
+    name, blocks = find_blocks(model)
+    assert len(blocks) == 4 and name in ("model.layers", "model.decoder.layers")
+    lins = find_linears(blocks[0])
+    assert len(lins) in (6, 7)  # OPT has q,k,v,out,fc1,fc2; the others 7
+    emb_before = model.get_input_embeddings().weight.clone()
+    head_before = model.get_output_embeddings().weight.clone()
+    res = prune_sequential(model, _ids(), PruneSpec("wanda", "unstructured"), [0.5] * 4, progress=False)
+    assert len(res.masks) == 4 * len(lins)
+    for full, mask in res.masks.items():
+        w = model.get_parameter(full)
+        assert _row_exact(mask, 0.5), full
+        assert bool((w[~mask] == 0).all()), full
+        assert res.realised[full] == pytest.approx(0.5)
+    assert torch.equal(model.get_input_embeddings().weight, emb_before)
+    assert torch.equal(model.get_output_embeddings().weight, head_before)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_gqa_shapes_sparsegpt_2of4(kv_heads):
+    model = tiny_model("llama", heads=4, kv_heads=kv_heads)
+    res = prune_sequential(model, _ids(), PruneSpec("sparsegpt", "2:4"), [0.5] * 4, progress=False)
+    for full, mask in res.masks.items():
+        rows, cols = mask.shape
+        assert bool((mask.reshape(rows, cols // 4, 4).sum(-1) == 2).all()), full
+        assert res.patterns[full] == "2:4"
+    k = res.masks["model.layers.0.self_attn.k_proj.weight"]
+    assert k.shape == (kv_heads * 16, 64)
+
+
+def _direct_wanda_masks(model, ids, block_index: int, s: float) -> dict[str, torch.Tensor]:
+    """Wanda masks of one block computed the plain way: full-model forwards with input hooks, |W|*||x||, row sort."""
+    name, blocks = find_blocks(model)
+    lins = find_linears(blocks[block_index])
+    sq = {k: torch.zeros(l.in_features) for k, l in lins.items()}
+    def hook(k):
+        def f(mod, inp, out):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            sq[k].add_((x * x).sum(0))  # returns None: a forward hook's return value would replace the output
+
+        return f
+
+    hooks = [l.register_forward_hook(hook(k)) for k, l in lins.items()]
+    with torch.no_grad():
+        for r in range(ids.shape[0]):
+            model(input_ids=ids[r : r + 1], use_cache=False)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for k, l in lins.items():
+        score = l.weight.abs() * sq[k].sqrt()
+        kk = int(s * l.in_features)
+        mask = torch.ones_like(l.weight, dtype=torch.bool)
+        mask.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :kk], False)
+        out[f"{name}.{block_index}.{k}.weight"] = mask
+    return out
+
+
+def test_wanda_pipeline_equals_direct_computation_blocks_0_and_1():
+    ids = _ids(3, 20)
+    model = tiny_model("llama")
+    ref = tiny_model("llama")
+    direct0 = _direct_wanda_masks(ref, ids, 0, 0.5)
+    res = prune_sequential(model, ids, PruneSpec("wanda", "unstructured"), [0.5] * 4, progress=False)
+    for k, m in direct0.items():
+        assert torch.equal(res.masks[k], m), k
+    # Block 1 must see the outputs of the *pruned* block 0 (sequential semantics).
+    with torch.no_grad():
+        for k, m in direct0.items():
+            ref.get_parameter(k).mul_(m)
+    direct1 = _direct_wanda_masks(ref, ids, 1, 0.5)
+    for k, m in direct1.items():
+        assert torch.equal(res.masks[k], m), k
+
+
+def test_magnitude_masks_match_inline_magnitude_and_per_block_rates():
+    model = tiny_model("llama")
+    ref = tiny_model("llama")
+    rates = [0.2, 0.4, 0.6, 0.8]
+    res = prune_sequential(model, _ids(), PruneSpec("magnitude", "unstructured"), rates, progress=False)
+    for full, (bi, lin) in prunable_linears(ref).items():
+        w = lin.weight.detach()
+        k = int(rates[bi] * w.shape[1] + 1e-9)
+        expect = torch.ones_like(w, dtype=torch.bool)
+        expect.scatter_(1, torch.sort(w.abs(), dim=1, stable=True).indices[:, :k], False)
+        assert torch.equal(res.masks[full], expect), full
+    assert res.block_rates == rates
+
+
+def test_mixed_pattern_uses_per_block_n():
+    model = tiny_model("llama")
+    spec = PruneSpec("wanda", "mixed:8", n_per_block=[4, 3, 1, 0])
+    res = prune_sequential(model, _ids(), spec, [0.5, 0.625, 0.875, 1.0 - 1e-9], progress=False)
+    for full, mask in res.masks.items():
+        bi = int(full.split(".")[2])
+        n = [4, 3, 1, 0][bi]
+        rows, cols = mask.shape
+        assert bool((mask.reshape(rows, cols // 8, 8).sum(-1) == n).all())
+        assert res.patterns[full] == f"{n}:8"
+
+
+def test_ignore_keeps_layers_dense():
+    model = tiny_model("llama")
+    before = model.model.layers[2].mlp.down_proj.weight.clone()
+    spec = PruneSpec("wanda", "unstructured", ignore=("*.down_proj.weight", "model.layers.0.*"))
+    res = prune_sequential(model, _ids(), spec, [0.5] * 4, progress=False)
+    assert not any(k.endswith("down_proj.weight") or k.startswith("model.layers.0.") for k in res.masks)
+    assert torch.equal(model.model.layers[2].mlp.down_proj.weight, before)
+    assert "model.layers.1.self_attn.q_proj.weight" in res.masks
+
+
+def test_offload_gives_the_same_result():
+    a, b = tiny_model("llama"), tiny_model("llama")
+    ra = prune_sequential(a, _ids(), PruneSpec("sparsegpt", "unstructured"), [0.6] * 4, progress=False)
+    rb = prune_sequential(b, _ids(), PruneSpec("sparsegpt", "unstructured"), [0.6] * 4, offload=True, progress=False)
+    for k in ra.masks:
+        assert torch.equal(ra.masks[k], rb.masks[k])
+        assert torch.allclose(a.get_parameter(k), b.get_parameter(k), atol=1e-6)
+
+
+def test_sparsegpt_updates_kept_weights_and_beats_masking_alone():
+    ids = _ids(8, 32)
+    dense = tiny_model("llama")
+    m = tiny_model("llama")
+    res = prune_sequential(m, ids, PruneSpec("sparsegpt", "unstructured"), [0.5] * 4, progress=False,
+                           dense_state={k: v.clone() for k, v in dense.state_dict().items()})
+    w0 = dense.model.layers[0].self_attn.q_proj.weight
+    w1 = m.model.layers[0].self_attn.q_proj.weight
+    mask = res.masks["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.allclose(w1[mask], w0[mask])  # OBS update changed kept weights
+    # Same masks without the update: reconstruction error of block 0 must be larger.
+    plain = tiny_model("llama")
+    with torch.no_grad():
+        for k, mk in res.masks.items():
+            plain.get_parameter(k).mul_(mk)
+    hidden, kw = capture_block_inputs(dense, ids)
+    from losa_deploy.sequential import recon_error, run_block
+
+    d = run_block(dense.model.layers[0], hidden, kw)
+    e_sgpt = recon_error(d, run_block(m.model.layers[0], hidden, kw))
+    e_mask = recon_error(d, run_block(plain.model.layers[0], hidden, kw))
+    assert e_sgpt < e_mask
+    assert res.recon_error[0] == pytest.approx(e_sgpt, rel=1e-4)
+
+
+def test_recon_error_zero_when_nothing_pruned_and_grows_with_depth_of_damage():
+    dense = tiny_model("llama")
+    m = tiny_model("llama")
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    res = prune_sequential(m, _ids(), PruneSpec("wanda", "unstructured"), [0.0] * 4, dense_state=state, progress=False)
+    assert res.recon_error == pytest.approx([0.0] * 4, abs=1e-6)
+    res = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("wanda", "unstructured"), [0.7] * 4,
+                           dense_state=state, progress=False)
+    assert len(res.recon_error) == 4 and all(e > 0 for e in res.recon_error)
+
+
+def test_block_grams_first_block_equals_embedding_gram():
+    model = tiny_model("llama")
+    ids = _ids(5, 16)
+    grams = collect_block_grams(model, ids, progress=False)
+    assert len(grams) == 4 and grams[0].dtype == torch.float64 and grams[0].shape == (5, 5)
+    X = model.model.embed_tokens(ids).detach().reshape(5, -1).double()
+    assert torch.allclose(grams[0], X @ X.T, rtol=1e-6)
+    # later blocks: the dense hidden states (output_hidden_states gives every block's input)
+    with torch.no_grad():
+        hs = [model(input_ids=ids[i : i + 1], output_hidden_states=True).hidden_states for i in range(5)]
+    X2 = torch.cat([h[2] for h in hs]).reshape(5, -1).double()
+    assert torch.allclose(grams[2], X2 @ X2.T, rtol=1e-5)
+
+
+def test_outlier_ratios_and_wanda_stats():
+    model = tiny_model("llama")
+    ids = _ids()
+    sq = collect_wanda_stats(model, ids, progress=False)
+    assert len(sq) == 28
+    r = collect_outlier_ratios(model, ids, 5.0, progress=False, sq_stats=sq)
+    assert len(r) == 4 and all(0.0 <= x <= 1.0 for x in r)
+    assert r == collect_outlier_ratios(model, ids, 5.0, progress=False)
+
+
+def test_check_realised_fails_loudly():
+    w = torch.randn(4, 8)
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    mask[:, :4] = False
+    w2 = w * mask
+    assert check_realised("x", w2, mask, 0.5, 0, 0) == 0.5
+    with pytest.raises(RealisedSparsityError):
+        check_realised("x", w, mask, 0.5, 0, 0)  # weights not zeroed
+    with pytest.raises(RealisedSparsityError):
+        check_realised("x", w2, mask, 0.75, 0, 0)  # too few pruned
+    with pytest.raises(RealisedSparsityError):
+        check_realised("x", w2, mask, 0.5, 2, 4)  # first group keeps 0, not 2
+
+
+def test_masks_saved_equal_zero_pattern_and_reload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from losa_deploy.checkpoint import load_masks, save_checkpoint
+    from tiny import byte_tokenizer
+
+    model = tiny_model("llama")
+    res = prune_sequential(model, _ids(), PruneSpec("wanda", "unstructured"), [0.5] * 4, progress=False)
+    save_checkpoint(tmp_path, model, byte_tokenizer(), res.masks)
+    masks = load_masks(tmp_path)
+    assert set(masks) == set(res.masks)
+    re = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for k, mk in masks.items():
+        assert mk.dtype == torch.bool and torch.equal(mk, res.masks[k])
+        assert torch.equal(re.get_parameter(k) != 0, mk)  # random weights: no natural zeros
+    (tmp_path / "sparsity_masks.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="corrupt"):
+        load_masks(tmp_path)
+    with pytest.raises(UserError, match="no sparsity_masks"):
+        load_masks(tmp_path / "nope")
+
+
+def test_manifest_round_trip_and_errors(tmp_path):
+    from losa_deploy.manifest import build_manifest, read_manifest, write_manifest
+
+    man = build_manifest(recipe=CompressRecipe(out="x").to_dict(), blocks=[{"index": 0, "rate": 0.5}],
+                         linears={"a.weight": {"target": 0.5, "realised": 0.5, "pattern": "unstructured"}})
+    write_manifest(tmp_path, man)
+    back = read_manifest(tmp_path)
+    assert back == json.loads(json.dumps(man))
+    assert back["schema"] == "losa-deploy/compress" and back["version"] == 1 and "torch" in back["versions"]
+    with pytest.raises(UserError, match="no losa_manifest.json"):
+        read_manifest(tmp_path / "missing")
+    (tmp_path / "losa_manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt"):
+        read_manifest(tmp_path)
+    (tmp_path / "losa_manifest.json").write_text(json.dumps({"schema": "other", "version": 1, "recipe": {}, "blocks": [], "linears": {}}))
+    with pytest.raises(UserError, match="schema"):
+        read_manifest(tmp_path)
+
+
+def test_block_param_counts_and_prunable_names():
+    model = tiny_model("llama")
+    counts = block_param_counts(model)
+    assert len(set(counts)) == 1 and counts[0] == 64 * 64 * 2 + 2 * (32 * 64) + 3 * (64 * 128)
+    names = prunable_linears(model)
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" not in names
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"sparsity": 1.0}, r"\[0, 1\)"),
+        ({"sparsity": -0.1}, r"\[0, 1\)"),
+        ({"method": "obs"}, "unknown method"),
+        ({"pattern": "2-4"}, "pattern"),
+        ({"allocation": "magic"}, "unknown allocation"),
+        ({"pattern": "2:4", "sparsity": 0.7}, "means 0.5 sparsity"),
+        ({"pattern": "2:4", "allocation": "owl"}, "mixed:4"),
+        ({"atp_beta": "abc", "allocation": "atp"}, "number or 'auto'"),
+        ({"atp_beta": 0.01}, "only applies"),
+        ({"calib_data": "/no/such/file.txt"}, "not found"),
+        ({"nsamples": 0}, "nsamples"),
+    ],
+)
+def test_recipe_validation(tmp_path, kw, msg):
+    with pytest.raises(UserError, match=msg):
+        CompressRecipe(out=str(tmp_path / "o"), **kw).validate()
+
+
+def test_recipe_from_settings_aliases_and_unknown():
+    r = CompressRecipe.from_settings({"out": "x", "rank-start": 4, "steps": 3, "ignore": "*.down_proj.weight"})
+    assert r.losa_rank_min == 4 and r.losa_steps == 3 and r.ignore == ["*.down_proj.weight"]
+    with pytest.raises(UserError, match="unknown compress setting"):
+        CompressRecipe.from_settings({"out": "x", "sparsty": 0.5})
+    assert CompressRecipe(out="x", pattern="2:4").target_sparsity == 0.5
+    assert CompressRecipe(out="x").target_sparsity == 0.5
+
+
+def test_sparsegpt_damping_retry_is_reported_naming_the_layer(monkeypatch, capsys):
+    import losa_deploy.pruning.sparsegpt as sg
+
+    real = sg.sparsegpt_prune
+
+    def flaky(weight, hessian, sparsity, n=0, m=0, blocksize=128, percdamp=0.01, **kw):
+        w, mask, info = real(weight, hessian, sparsity, n, m, blocksize, percdamp, **kw)
+        if kw.get("name", "").endswith("layers.1.mlp.up_proj.weight"):
+            info = dict(info, damping_retries=2, damp=1.0)
+        return w, mask, info
+
+    monkeypatch.setattr(sg, "sparsegpt_prune", flaky)
+    res = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("sparsegpt", "unstructured"), [0.5] * 4, progress=False)
+    assert len(res.warnings) == 1 and "model.layers.1.mlp.up_proj.weight" in res.warnings[0]
+    assert "Cholesky" in capsys.readouterr().err
+
+
+def test_sliding_window_blocks_get_their_own_mask():
+    """Qwen2 with a sliding window on the upper blocks: the replayed pipeline must reproduce the model's own
+    forward exactly (block outputs == output_hidden_states), which needs each block's own attention mask."""
+    from transformers import Qwen2Config, AutoModelForCausalLM
+
+    from losa_deploy.sequential import walk_blocks
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, use_sliding_window=True, sliding_window=8,
+                      max_window_layers=2, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = _ids(2, 24)
+    seen: list[torch.Tensor] = []
+    walk_blocks(model, ids, lambda i, p, b, h, kw: seen.append(h.clone()), progress=False)
+    with torch.no_grad():
+        hs = [model(input_ids=ids[r : r + 1], output_hidden_states=True).hidden_states for r in range(2)]
+    for i in range(4):
+        expect = torch.cat([h[i] for h in hs])
+        assert torch.allclose(seen[i], expect, atol=1e-5), i
