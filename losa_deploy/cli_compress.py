@@ -11,20 +11,15 @@ from .cli import app
 from .console import out
 from .errors import UserError
 
-_EXAMPLES = """
-Examples:
-
-  losa-deploy compress --profile cpu-70pct --out runs/sparse70
-
-  losa-deploy compress --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50 \\
-      --calib-data c4_validation.jsonl --nsamples 128 --seqlen 512 --eval-data wiki.test.raw
-
-  losa-deploy compress --method sparsegpt --pattern 2:4 --ignore '*.down_proj.weight' --out runs/sgpt24
-
-  losa-deploy compress --method wanda --sparsity 0.7 --allocation atp --atp-beta auto --out runs/atp70
-
-  losa-deploy compress --method wanda --pattern mixed:8 --sparsity 0.75 --allocation owl --out runs/mixed28
-"""
+_EXAMPLES = "\n\n".join([
+    "[bold]Examples:[/bold]",
+    "  losa-deploy compress --profile cpu-70pct --out runs/sparse70",
+    "  losa-deploy compress --method wanda --sparsity 0.5 --calib-data c4.jsonl --nsamples 128 --seqlen 512"
+    " --eval-data wiki.test.raw --out runs/wanda50",
+    "  losa-deploy compress --method sparsegpt --pattern 2:4 --ignore '*.down_proj.weight' --out runs/sgpt24",
+    "  losa-deploy compress --method wanda --sparsity 0.7 --allocation atp --atp-beta auto --out runs/atp70",
+    "  losa-deploy compress --method wanda --pattern mixed:8 --sparsity 0.75 --allocation owl --out runs/mixed28",
+])
 
 
 def _beta(value: Optional[str]) -> Optional[object]:
@@ -36,7 +31,7 @@ def _beta(value: Optional[str]) -> Optional[object]:
         raise UserError(f"--atp-beta must be a number or 'auto' (got '{value}')")
 
 
-@app.command(epilog=_EXAMPLES.replace("\n", "\n\n"))
+@app.command(epilog=_EXAMPLES)
 def compress(
     out_dir: Optional[str] = typer.Option(None, "--out", help="Output directory (HF checkpoint + manifest + masks)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, local directory, .gguf, or alias [default: smollm2-135m]."),

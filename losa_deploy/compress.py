@@ -242,6 +242,10 @@ def run_compress(
     model, tok = load_model(recipe.model, dtype=recipe.dtype, device="cpu" if recipe.offload else device)
     timings["load_s"] = time.perf_counter() - t0
     check_model_against_recipe(model, recipe)
+    if recipe.method == "losa":  # LoSA's own checks (teacher memory for distill, ranks, steps) before any work
+        from .losa.run import validate_losa
+
+        validate_losa(recipe, model)
     blocks_name, blocks = find_blocks(model)
     L = len(blocks)
     S = recipe.target_sparsity

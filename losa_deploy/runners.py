@@ -72,8 +72,7 @@ class _FixedShapeKVRunner:
         self.threads = int(threads)
         self.layers, self.kv_heads, self.head_dim = kv_geometry(config)
         self.dtype = np.float32
-        self.pad_id = int(getattr(config, "pad_token_id", None) or getattr(config, "eos_token_id", None) or 0) \
-            if not isinstance(getattr(config, "eos_token_id", None), list) else 0
+        self.pad_id = 0  # left-padding slots are masked out (attention_mask 0), so any valid id works
         self.reset()
 
     # engine call: seq new tokens -> (logits [1, seq, V], presents list of [1, kv, max_len, hd])

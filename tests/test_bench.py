@@ -82,6 +82,7 @@ def test_bench_phases_with_fake_runner():
         name, threads = "fake", 1
 
         def __init__(self, p, L):
+            assert 1 <= p < L, "runners need prefill_len < max_len"
             self.p, self.L, self.n = p, L, 0
 
         def reset(self):
@@ -112,6 +113,10 @@ def test_bench_phases_with_fake_runner():
     assert ph["decode"]["tokens"] == 5 and ph["decode"]["past"] == 12
     assert ph["decode"]["ms_per_token"] == pytest.approx(1000 * ph["decode"]["median_s"] / 5)
     assert res["threads"] == 1 and res["peak_rss_bytes"] > 0
+    built.clear()
+    res = bench_phases(factory, LatencySettings(prompt_lens=(8,), decode_past=8, decode_tokens=0, gen_tokens=0,
+                                                warmup=0, repeats=1), vocab_size=11)
+    assert built == [(8, 9)] and set(res["phases"]) == {"prefill_8", "ttft"}
 
 
 # ---- arithmetic -------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from losa_deploy.errors import UserError
 
@@ -198,35 +197,55 @@ def test_hf_compact_round_trip(s70, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- errors
-def _cli(args):
-    from losa_deploy.cli import app
-    import losa_deploy.cli_export  # noqa: F401  (registers the commands)
-
-    return CliRunner().invoke(app, args)
+class _Result:
+    def __init__(self, code: int, output: str) -> None:
+        self.exit_code, self.output = code, output
 
 
-def test_cli_errors_are_one_line(s70, tmp_path):
-    r = _cli(["export", str(tmp_path / "nope"), "--format", "onnx"])
+def _cli(args, capsys, monkeypatch) -> _Result:
+    """Run the real entry point (losa_deploy.cli.main, which turns UserError into `error: ...`)."""
+    from losa_deploy.cli import main
+
+    monkeypatch.setattr("sys.argv", ["losa-deploy", *args])
+    capsys.readouterr()
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    o = capsys.readouterr()
+    return _Result(code, o.out + o.err)
+
+
+def test_cli_errors_are_one_line(s70, tmp_path, capsys, monkeypatch):
+    def _run(args):
+        return _cli(args, capsys, monkeypatch)
+
+    r = _run(["export", str(tmp_path / "nope"), "--format", "onnx"])
     assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
     (tmp_path / "empty").mkdir()
-    r = _cli(["export", str(tmp_path / "empty"), "--format", "hf"])
+    r = _run(["export", str(tmp_path / "empty"), "--format", "hf"])
     assert r.exit_code == 2 and "no config.json" in r.output
     (tmp_path / "exists").mkdir()
-    r = _cli(["export", str(s70), "--format", "hf", "--out", str(tmp_path / "exists")])
+    r = _run(["export", str(s70), "--format", "hf", "--out", str(tmp_path / "exists")])
     assert r.exit_code == 2 and "--overwrite" in r.output
-    r = _cli(["export", str(s70), "--format", "gguf"])
+    r = _run(["export", str(s70), "--format", "gguf"])
     assert r.exit_code == 2 and "unknown --format" in r.output
-    r = _cli(["generate", str(s70), "--runtime", "deepsparse", "--prompt", "hi"])
+    r = _run(["generate", str(s70), "--runtime", "deepsparse", "--prompt", "hi"])
     assert r.exit_code == 2 and "--format deepsparse" in r.output
 
 
-def test_cli_export_hf_and_generate_torch(s70, tmp_path):
+def test_cli_export_hf_and_generate_torch(s70, tmp_path, capsys, monkeypatch):
+    def _run(args):
+        return _cli(args, capsys, monkeypatch)
+
     out = tmp_path / "hf"
-    r = _cli(["export", str(s70), "--format", "hf", "--out", str(out)])
+    r = _run(["export", str(s70), "--format", "hf", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "compact copy" in r.output and (out / "export_manifest.json").is_file()
-    r = _cli(["generate", str(s70), "--runtime", "torch", "--prompt", "abc", "--max-new-tokens", "4"])
-    assert r.exit_code == 0, r.output and r.output.startswith("abc")
+    r = _run(["generate", str(s70), "--runtime", "torch", "--prompt", "abc", "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("abc") and "torch: 4 new tokens" in r.output
 
 
 def test_failed_export_leaves_nothing(s70, tmp_path, monkeypatch):

@@ -168,3 +168,17 @@ def test_torch_2of4_matches_dense_fp16(tmp_path):
     got = r.prefill(ids.numpy())[0]
     np.testing.assert_allclose(got, ref, atol=5e-2, rtol=0)
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+
+
+def test_missing_deepsparse_says_how_to_get_it(monkeypatch, ds_dir, tmp_path):
+    import sys
+
+    from exporters.deepsparse_export import export_deepsparse
+    from losa_deploy.runners import require_deepsparse
+
+    monkeypatch.setitem(sys.modules, "deepsparse", None)  # `import deepsparse` now raises ImportError
+    with pytest.raises(UserError, match=r"Python 3\.8-3\.11: pip install deepsparse==1\.8\.0"):
+        require_deepsparse()
+    with pytest.raises(UserError, match="pip install deepsparse"):
+        export_deepsparse(ds_dir, tmp_path / "out", prefill_len=PL, max_len=ML)
+    assert not (tmp_path / "out").exists()

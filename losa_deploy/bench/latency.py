@@ -91,7 +91,7 @@ def bench_phases(
     with PeakMemory() as mem:
         for k, p in enumerate(s.prompt_lens):
             first = k == 0
-            max_len = p + (s.gen_tokens if first else 1)
+            max_len = p + max(s.gen_tokens if first else 1, 1)  # runners need prefill_len < max_len
             step(f"build prefill {p}")
             t0 = time.perf_counter()
             r = factory(p, max_len)
