@@ -67,6 +67,7 @@ class CompressRecipe:
     losa_objective: str = "lm"
     losa_mask_method: str = "wanda"
     losa_batch_size: int = 4
+    losa_uniform_ranks: bool = False  # ablation: same rank for every block instead of reconstruction-error allocation
     resume: bool = False
 
     # ---- derived -------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class CompressRecipe:
             "rank_cap": "losa_rank_cap", "train_data": "losa_train_data", "train_samples": "losa_train_samples",
             "train_seqlen": "losa_train_seqlen", "objective": "losa_objective", "mask_method": "losa_mask_method",
             "lora_alpha": "losa_alpha", "alpha": "losa_alpha", "dropout": "losa_dropout", "lr": "losa_lr",
-            "batch_size": "losa_batch_size",
+            "batch_size": "losa_batch_size", "uniform_ranks": "losa_uniform_ranks",
         }
         kw: dict[str, Any] = {}
         for k, v in settings.items():

@@ -1,11 +1,35 @@
 #!/usr/bin/env bash
-# The main job on the embedded default model. Extended as compress/export/bench land.
+# The main job on the embedded default model (SmolLM2-135M-Instruct):
+#   compress --profile cpu-70pct (LoSA, 70% unstructured)  ->  export --format deepsparse  ->  bench vs dense.
+# Re-running continues where it stopped: a finished step is reused, an interrupted LoSA run resumes.
+# Data: the offline files in $LOSA_DATA (default ../shared/data) when present, else the `wikitext2` dataset.
 set -euo pipefail
 OUT=${1:-runs/demo}
 DATA=${LOSA_DATA:-../shared/data}
-LD=.venv/bin/losa-deploy
+LD=${LD:-.venv/bin/losa-deploy}
+SPARSE="$OUT/sparse70"
 mkdir -p "$OUT"
+
 WIKI="$DATA/wikitext-2-raw/wiki.test.raw"
 [ -f "$WIKI" ] || WIKI=wikitext2
-$LD evaluate smollm2-135m --data "$WIKI" --seqlen 2048 --max-tokens 20480 --json "$OUT/dense_ppl.json"
-echo "report: $OUT/dense_ppl.json"
+
+echo "== 1/3 compress: LoSA to 70% sparsity (profile cpu-70pct, data-free self calibration)"
+if [ -f "$SPARSE/losa_manifest.json" ]; then
+  echo "   $SPARSE is complete; reusing it (delete it to start over)"
+else
+  $LD compress --profile cpu-70pct --out "$SPARSE" --resume
+fi
+
+echo "== 2/3 export: DeepSparse deployment directory (verified against PyTorch)"
+if [ -f "$SPARSE/deepsparse/export_manifest.json" ]; then
+  echo "   $SPARSE/deepsparse is complete; reusing it"
+else
+  $LD export "$SPARSE" --format deepsparse --max-len 1024 --overwrite
+fi
+
+echo "== 3/3 bench: sparse vs dense on every installed CPU runtime, plus WikiText-2 perplexity"
+$LD bench "$SPARSE" --baseline smollm2-135m --out "$OUT/bench" \
+  --prompt-lens 128,512 --decode-past 256 --decode-tokens 64 --warmup 2 --repeats 5 \
+  --ppl-data "$WIKI" --ppl-seqlen 2048 --ppl-max-tokens 20480
+
+echo "report: $OUT/bench/report.md"

@@ -32,11 +32,11 @@ def _zero_pattern_exact(model, masks):
 
 
 def test_full_losa_run_tiny(tmp_path, text_file):
-    model, tok = tiny_model("llama"), byte_tokenizer()
+    model, tok = tiny_model("llama", **SMALL), byte_tokenizer()
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     rec = _recipe(tmp_path, text_file)
     res = run_losa(model, tok, rec, tmp_path / "work", progress=False)
-    assert len(res.masks) == 4 * 7
+    assert len(res.masks) == 2 * 7
     _zero_pattern_exact(model, res.masks)
     # the final mean sparsity is the target; every block within the RMI box (delta 0.01 at S=0.5)
     kept = sum(int(m.sum()) for m in res.masks.values())
@@ -46,8 +46,8 @@ def test_full_losa_run_tiny(tmp_path, text_file):
     assert [round(s["sparsity_target"], 4) for s in man["steps"]] == [0.4375, 0.5]
     assert [s["omega"] for s in man["steps"]] == [2.0, 4.0]
     for s in man["steps"]:
-        assert sum(s["block_ranks"]) == 4 * s["omega"] and max(s["block_ranks"]) <= 6
-        assert len(s["recon_error"]) == 4 and all(e > 0 for e in s["recon_error"])
+        assert sum(s["block_ranks"]) == 2 * s["omega"] and max(s["block_ranks"]) <= 6
+        assert len(s["recon_error"]) == 2 and all(e > 0 for e in s["recon_error"])
         assert all(abs(r - s["sparsity_target"]) <= 0.0101 for r in s["block_rates"])
     assert len(man["loss_curve"]) == man["optimizer"]["total_steps"] == 4  # 12 samples / 2 steps / batch 4
     assert all(k in man["timings"] for k in ("rmi_s", "prune_s", "train_s", "merge_s"))

@@ -25,7 +25,7 @@ from ..errors import UserError
 from .adapter import AdapterSet, attach_adapters, check_zero_pattern, merge_into, set_rank, unmerge_from
 from .ranks import allocate_ranks, uniform_ranks
 from .schedule import rank_schedule, sparsity_schedule
-from .state import STATE_FILE, load_state, recipe_fingerprint, rng_state, save_state, set_rng_state
+from .state import load_state, recipe_fingerprint, rng_state, save_state, set_rng_state
 from .train import (batches, bf16_autocast_supported, build_train_samples, make_optimizer, num_batches,
                     reset_inactive_state, split_slices, train_slice)
 
