@@ -34,10 +34,11 @@ def main() -> None:
     cfg = AutoConfig.from_pretrained(spec["config_dir"])
     t = time.perf_counter()
     runner = DeepSparseRunner(spec["onnx"], cfg, spec["prefill_len"], spec["max_len"], spec["threads"])
+    runner.ensure_decode()  # both engines inside compile_s
     compile_s = time.perf_counter() - t
     res: dict = {"compile_s": compile_s,
-                 "engines": {"prefill": _engine_info(runner.engines[spec["prefill_len"]]),
-                             "decode": _engine_info(runner.engines[1])}}
+                 "engines": {"prefill": _engine_info(runner._engine(spec["prefill_len"])),
+                             "decode": _engine_info(runner._engine(1))}}
     ids = np.array([spec["prompt_ids"]], dtype=np.int64)
     t = time.perf_counter()
     logits = runner.prefill(ids)

@@ -21,7 +21,7 @@ import torch
 from .console import err
 from .errors import UserError
 from .model_parts import block_param_counts, find_blocks, find_linears, block_prefix, prunable_linears
-from .recipe import CompressRecipe, PruneSpec, pattern_parts
+from .recipe import ADAPTER_METHODS, CompressRecipe, PruneSpec, pattern_parts
 
 
 def peak_rss_mb() -> float:
@@ -204,9 +204,13 @@ def _calibration(model: Any, tok: Any, recipe: CompressRecipe, n_tune: int) -> t
 # -------------------------------------------------------------------------------------------- LoSA
 def _run_losa(model: Any, tok: Any, recipe: CompressRecipe, calib_ids: torch.Tensor, work_dir: Path, device: str,
               progress: bool) -> Any:
-    """Hand over to `losa_deploy.losa.run.run_losa` (the LoSA loop around this pipeline); returns its result."""
+    """Hand over to `losa_deploy.losa.run.run_losa` (the LoSA loop around this pipeline), or for `--method
+    dense-lora` to `losa_deploy.losa.baseline.run_dense_lora` (the naive baseline); returns its `LosaResult`."""
     try:
-        from .losa.run import run_losa
+        if recipe.method == "dense-lora":
+            from .losa.baseline import run_dense_lora as run_losa
+        else:
+            from .losa.run import run_losa
     except ImportError:
         raise UserError("LoSA is not available yet")
     offered = {"calib_ids": calib_ids, "device": device, "progress": progress}
@@ -242,7 +246,7 @@ def run_compress(
     model, tok = load_model(recipe.model, dtype=recipe.dtype, device="cpu" if recipe.offload else device)
     timings["load_s"] = time.perf_counter() - t0
     check_model_against_recipe(model, recipe)
-    if recipe.method == "losa":  # LoSA's own checks (teacher memory for distill, ranks, steps) before any work
+    if recipe.method in ADAPTER_METHODS:  # LoSA's own checks (teacher memory for distill, ranks, steps) before any work
         from .losa.run import validate_losa
 
         validate_losa(recipe, model)
@@ -258,7 +262,7 @@ def run_compress(
         if usable < recipe.eval_seqlen:
             raise UserError(f"--eval-data has {usable} usable tokens, fewer than one window of --eval-seqlen {recipe.eval_seqlen}")
 
-    tuning_auto = recipe.allocation == "atp" and not isinstance(recipe.atp_beta, float) and recipe.method != "losa"
+    tuning_auto = recipe.allocation == "atp" and not isinstance(recipe.atp_beta, float) and recipe.method not in ADAPTER_METHODS
     calib_ids, tune_ids, cal_info = _calibration(model, tok, recipe, recipe.tune_samples if tuning_auto else 0)
     timings["calibration_data_s"] = cal_info["seconds"]
 
@@ -286,7 +290,7 @@ def run_compress(
     linears_out: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
     alloc_info: dict[str, Any] = {}
-    if recipe.method == "losa":
+    if recipe.method in ADAPTER_METHODS:
         work_dir = out.parent / f".{out.name}.losa-work"
         t0 = time.perf_counter()
         lres = _run_losa(model, tok, recipe, calib_ids, work_dir, device, progress)
@@ -312,7 +316,7 @@ def run_compress(
             if ranks:
                 b["rank"] = int(ranks[i])
             blocks_out.append(b)
-        alloc_info = {"method": "rmi (LoSA)"}
+        alloc_info = {"method": f"{recipe.allocation} ({'LoSA' if recipe.method == 'losa' else recipe.method})"}
     else:
         rates, ns, alloc_info = allocate(model, recipe, calib_ids, tune_ids, device, progress)
         timings["allocation_s"] = alloc_info["seconds"]
@@ -377,7 +381,7 @@ def run_compress(
             src = out.parent / f".{out.name}.losa-work" / fname
             if src.is_file():
                 shutil.copy2(src, tmp / fname)
-    if recipe.method == "losa":
+    if recipe.method in ADAPTER_METHODS:
         shutil.rmtree(out.parent / f".{out.name}.losa-work", ignore_errors=True)
     return manifest
 

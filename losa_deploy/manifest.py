@@ -27,7 +27,7 @@ def library_versions() -> dict[str, str]:
     from . import __version__
 
     out = {"losa_deploy": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "safetensors", "numpy", "peft", "accelerate"):
+    for pkg in ("torch", "transformers", "safetensors", "numpy", "accelerate"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -14,7 +14,10 @@ from typing import Any, Sequence
 
 from .errors import UserError
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "losa")
+METHODS = ("magnitude", "wanda", "sparsegpt", "losa", "dense-lora")
+# Methods that fine-tune adapters and take the LoSA flags: LoSA itself and the naive baseline it is compared with
+# (prune once, train a plain dense LoRA, merge, re-prune; `losa_deploy.losa.baseline`).
+ADAPTER_METHODS = ("losa", "dense-lora")
 ALLOCATIONS = ("uniform", "atp", "owl", "rmi")
 OBJECTIVES = ("lm", "distill")
 MASK_METHODS = ("wanda", "sparsegpt")
@@ -162,10 +165,15 @@ class CompressRecipe:
             raise UserError(f"blocksize must be >= 1 (got {self.blocksize})")
         for name in ("calib_data", "eval_data", "tune_data", "losa_train_data"):
             _check_data_path(getattr(self, name), "--" + name.replace("_", "-").replace("losa-", ""))
-        if self.method == "losa":
+        if self.method in ADAPTER_METHODS:
+            if self.method == "dense-lora" and self.resume:
+                raise UserError("--resume applies to --method losa only: a dense-lora run is one shot, start it again")
             if self.losa_steps < 1:
                 raise UserError(f"--steps must be >= 1 (got {self.losa_steps})")
-            if not 1 <= self.losa_rank_min <= self.losa_rank_max <= self.losa_rank_cap:
+            if self.method == "dense-lora":  # one rank for every block: --rank-end (--rank-start does not apply)
+                if not 1 <= self.losa_rank_max <= self.losa_rank_cap:
+                    raise UserError(f"--rank-end ({self.losa_rank_max}) must lie in [1, --rank-cap {self.losa_rank_cap}]")
+            elif not 1 <= self.losa_rank_min <= self.losa_rank_max <= self.losa_rank_cap:
                 raise UserError(
                     f"ranks must satisfy 1 <= --rank-start ({self.losa_rank_min}) <= --rank-end ({self.losa_rank_max}) <= --rank-cap ({self.losa_rank_cap})"
                 )

@@ -22,9 +22,12 @@ def _cache_key(model: Any, nsamples: int, seqlen: int, seed: int) -> str:
 
 @torch.no_grad()
 def generate_self_ids(
-    model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 16, top_p: float = 0.95
+    model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 64, top_p: float = 0.95
 ) -> torch.Tensor:
-    """[nsamples, seqlen] token ids sampled from `model`. Cached per model, size and seed."""
+    """[nsamples, seqlen] token ids sampled from `model`. Cached per model, size and seed.
+
+    Wide batches: a decode step of a small model is bound by reading its weights, so 64 sequences per step cost
+    little more than 16; generating the LoSA profiles' training text dominated a fresh run's set-up at 16."""
     from rich.progress import Progress
 
     from .atomic import write_text  # noqa: F401  (cache write below uses torch.save to a temp then rename)

@@ -183,3 +183,53 @@ def test_compress_losa_end_to_end_artefact(tiny_dir, text_file, tmp_path):
         assert bool((w[~mask.bool()] == 0).all()), name
     kept = sum(int(m.bool().sum()) for m in masks.values())
     assert abs(1 - kept / sum(m.numel() for m in masks.values()) - 0.6) < 0.02
+
+
+def test_dense_lora_baseline_tiny(tmp_path, text_file):
+    """The naive baseline: prune, dense LoRA, merge, re-prune; final zeros are exactly the masks."""
+    from losa_deploy.losa.baseline import run_dense_lora
+
+    model, tok = tiny_model("llama", **SMALL), byte_tokenizer()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rec = _recipe(tmp_path, text_file, method="dense-lora", nsamples=4, losa_train_samples=8)
+    rec.validate()
+    res = run_dense_lora(model, tok, rec, tmp_path / "work", progress=False)
+    assert len(res.masks) == 2 * 7
+    for name, mask in res.masks.items():
+        w = model.get_parameter(name)
+        assert torch.equal(w != 0, mask), name  # zero pattern == mask, exactly
+    # per linear: every row prunes floor(rate * in) weights of its block's RMI rate; the mean is the target
+    for name, mask in res.masks.items():
+        assert abs(res.realised[name] - res.targets[name]) <= 1.0 / mask.shape[1] + 1e-6, name
+    assert all(abs(r - 0.5) <= 0.0101 for r in res.block_rates)
+    kept = sum(int(m.sum()) for m in res.masks.values())
+    assert abs(1 - kept / sum(m.numel() for m in res.masks.values()) - 0.5) < 0.02
+    man = res.manifest
+    assert man["variant"] == "dense-lora" and man["rank"] == 4 and res.block_ranks == [4, 4]
+    assert len(man["loss_curve"]) == man["optimizer"]["total_steps"] == 2  # 8 samples / batch 4, one shot
+    sp = man["sparsity"]
+    assert abs(sp["after_prune"] - 0.5) < 0.02 and sp["after_merge"] < 0.01 and abs(sp["after_reprune"] - 0.5) < 0.02
+    assert [p["pass"] for p in man["passes"]] == ["prune", "re-prune"]
+    assert all(k in man["timings"] for k in ("rmi_s", "prune_s", "train_s", "merge_s", "total_s"))
+    json.dumps(man)
+    assert all(not m._forward_hooks for m in model.modules())
+    assert torch.equal(model.get_parameter("model.embed_tokens.weight"), dense["model.embed_tokens.weight"])
+    assert not any((tmp_path / "work").glob("*"))  # nothing to resume from
+
+
+def test_dense_lora_resume_refused(tmp_path, text_file, monkeypatch, capsys):
+    import sys
+
+    from losa_deploy import cli
+
+    rec = _recipe(tmp_path, text_file, method="dense-lora", resume=True)
+    with pytest.raises(UserError, match="--resume"):
+        rec.validate()
+    monkeypatch.setattr(sys, "argv", ["losa-deploy", "compress", "--method", "dense-lora", "--resume",
+                                      "--model", "unused", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code != 0
+    msg = capsys.readouterr().err
+    assert "--resume" in msg and "dense-lora" in msg and len(msg.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -74,6 +74,11 @@ def _phase(stats: Any, tokens: int, extra: dict[str, Any] | None = None) -> dict
     return d
 
 
+def _ensure_decode(runner: Any) -> None:
+    """Build a runner's decode path before timing (runners that build it lazily expose `ensure_decode`)."""
+    getattr(runner, "ensure_decode", lambda: None)()
+
+
 def bench_phases(
     factory: RunnerFactory,
     settings: LatencySettings,
@@ -95,6 +100,8 @@ def bench_phases(
             step(f"build prefill {p}")
             t0 = time.perf_counter()
             r = factory(p, max_len)
+            if first and s.gen_tokens > 0:
+                _ensure_decode(r)
             build_s[f"prefill_{p}"] = time.perf_counter() - t0
             threads, name = getattr(r, "threads", None), getattr(r, "name", None)
             ids = prompt_ids(p, vocab_size, s.seed, k)
@@ -120,6 +127,7 @@ def bench_phases(
             step(f"build decode (past {s.decode_past})")
             t0 = time.perf_counter()
             r = factory(s.decode_past, s.decode_past + s.decode_tokens)
+            _ensure_decode(r)
             build_s["decode"] = time.perf_counter() - t0
             threads, name = getattr(r, "threads", threads), getattr(r, "name", name)
             past = prompt_ids(s.decode_past, vocab_size, s.seed, 99)

@@ -118,7 +118,11 @@ class AdapterSet:
 
 def attach_adapters(linears: dict[str, tuple[int, nn.Linear]], r_max: int, alpha: float, dropout: float,
                     seed: int = 0) -> AdapterSet:
-    """A masked adapter (all-ones mask, zero update) on each `{full weight name: (block, linear)}`, via hooks."""
+    """A masked adapter (all-ones mask, zero update) on each `{full weight name: (block, linear)}`, via hooks.
+
+    While the mask stays all ones this is a plain, unmasked LoRA (`merge_into` then adds B A everywhere): the
+    dense-lora baseline (`baseline.run_dense_lora`) uses the adapters so, LoSA sets each mask after pruning.
+    """
     gen = torch.Generator().manual_seed(seed)
     adapters: dict[str, MaskedLoRA] = {}
     lin_map: dict[str, nn.Linear] = {}

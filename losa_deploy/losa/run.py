@@ -53,14 +53,25 @@ def _recipe_dict(recipe: Any) -> dict[str, Any]:
 
 
 def validate_losa(recipe: Any, model: nn.Module | None = None) -> None:
-    """Checks that need no work done yet (one-line UserErrors); `model` enables the teacher-memory check."""
+    """Checks that need no work done yet (one-line UserErrors); `model` enables the teacher-memory check.
+
+    Also the checks of `--method dense-lora` (`baseline.run_dense_lora`), which takes the same flags; it runs one
+    shot (T = 1), so the per-step data split does not apply to it and it cannot resume.
+    """
     from ..recipe import pattern_parts
+
+    method = getattr(recipe, "method", "losa")
+    if method == "dense-lora" and getattr(recipe, "resume", False):
+        raise UserError("--resume applies to --method losa only: a dense-lora run is one shot, start it again")
 
     if recipe.losa_steps < 1:
         raise UserError(f"--steps must be >= 1 (got {recipe.losa_steps})")
     if recipe.losa_rank_cap < 1:
         raise UserError(f"--rank-cap must be >= 1 (got {recipe.losa_rank_cap})")
-    if not 1 <= recipe.losa_rank_min <= recipe.losa_rank_cap or not 1 <= recipe.losa_rank_max <= recipe.losa_rank_cap:
+    if method == "dense-lora":  # one rank, --rank-end, for every block
+        if not 1 <= recipe.losa_rank_max <= recipe.losa_rank_cap:
+            raise UserError(f"--rank-end ({recipe.losa_rank_max}) must lie in [1, --rank-cap {recipe.losa_rank_cap}]")
+    elif not 1 <= recipe.losa_rank_min <= recipe.losa_rank_cap or not 1 <= recipe.losa_rank_max <= recipe.losa_rank_cap:
         raise UserError(
             f"--rank-start ({recipe.losa_rank_min}) and --rank-end ({recipe.losa_rank_max}) must lie in [1, --rank-cap {recipe.losa_rank_cap}]"
         )
@@ -69,12 +80,12 @@ def validate_losa(recipe: Any, model: nn.Module | None = None) -> None:
     if recipe.losa_mask_method not in ("wanda", "sparsegpt"):
         raise UserError(f"unknown LoSA mask method '{recipe.losa_mask_method}': use wanda or sparsegpt")
     if recipe.allocation not in LOSA_ALLOCATIONS:
-        raise UserError(f"--method losa allocates with rmi (or uniform for the ablation), not '{recipe.allocation}'")
+        raise UserError(f"--method {method} allocates with rmi or uniform, not '{recipe.allocation}'")
     if not recipe.losa_lr > 0:
         raise UserError(f"--lr must be > 0 (got {recipe.losa_lr})")
     if not 0 <= recipe.losa_dropout < 1:
         raise UserError(f"--dropout must be in [0, 1) (got {recipe.losa_dropout})")
-    if recipe.losa_train_samples < recipe.losa_steps:
+    if method != "dense-lora" and recipe.losa_train_samples < recipe.losa_steps:
         raise UserError(f"--train-samples ({recipe.losa_train_samples}) must be at least --steps ({recipe.losa_steps}): every step trains on its own slice")
     pattern_parts(recipe.pattern)
     if model is not None and recipe.losa_objective == "distill":
