@@ -6,7 +6,6 @@ is written inside `atomic_dir`, so a failed or interrupted run leaves nothing th
 
 from __future__ import annotations
 
-import inspect
 import math
 import resource
 import shutil
@@ -202,25 +201,15 @@ def _calibration(model: Any, tok: Any, recipe: CompressRecipe, n_tune: int) -> t
 
 
 # -------------------------------------------------------------------------------------------- LoSA
-def _run_losa(model: Any, tok: Any, recipe: CompressRecipe, calib_ids: torch.Tensor, work_dir: Path, device: str,
+def _run_losa(model: Any, tok: Any, recipe: CompressRecipe, calib_ids: torch.Tensor, work_dir: Path,
               progress: bool) -> Any:
     """Hand over to `losa_deploy.losa.run.run_losa` (the LoSA loop around this pipeline), or for `--method
     dense-lora` to `losa_deploy.losa.baseline.run_dense_lora` (the naive baseline); returns its `LosaResult`."""
-    try:
-        if recipe.method == "dense-lora":
-            from .losa.baseline import run_dense_lora as run_losa
-        else:
-            from .losa.run import run_losa
-    except ImportError:
-        raise UserError("LoSA is not available yet")
-    offered = {"calib_ids": calib_ids, "device": device, "progress": progress}
-    params = inspect.signature(run_losa).parameters
-    takes_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in offered.items() if takes_kw or k in params}
-    result = run_losa(model, tok, recipe, work_dir, **kwargs)
-    if not (hasattr(result, "masks") and hasattr(result, "manifest")):
-        raise RuntimeError("run_losa must return a LosaResult (masks, manifest, ...)")
-    return result
+    if recipe.method == "dense-lora":
+        from .losa.baseline import run_dense_lora as run_losa
+    else:
+        from .losa.run import run_losa
+    return run_losa(model, tok, recipe, work_dir, calib_ids=calib_ids, progress=progress)
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -293,7 +282,7 @@ def run_compress(
     if recipe.method in ADAPTER_METHODS:
         work_dir = out.parent / f".{out.name}.losa-work"
         t0 = time.perf_counter()
-        lres = _run_losa(model, tok, recipe, calib_ids, work_dir, device, progress)
+        lres = _run_losa(model, tok, recipe, calib_ids, work_dir, progress)
         timings["losa_s"] = time.perf_counter() - t0
         losa_info, masks = dict(lres.manifest), dict(lres.masks)
         rates = [float(r) for r in (lres.block_rates or losa_info.get("rates") or [S] * L)]

@@ -189,18 +189,6 @@ def test_interrupted_run_leaves_nothing_complete_looking(tiny_dir, text_file, tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_losa_dispatch_reports_unavailable_or_runs(tiny_dir, text_file, tmp_path, monkeypatch):
-    import importlib.util
-
-    from losa_deploy.compress import _run_losa
-    from losa_deploy.errors import UserError
-
-    if importlib.util.find_spec("losa_deploy.losa.run") is not None:
-        pytest.skip("LoSA is implemented; its own tests cover it")
-    with pytest.raises(UserError, match="LoSA is not available yet"):
-        _run_losa(None, None, None, torch.zeros(1, 2, dtype=torch.long), tmp_path, "cpu", False)
-
-
 def test_shipped_profiles_are_valid_recipes():
     from losa_deploy.profiles import list_profiles, load_profile, section
     from losa_deploy.recipe import CompressRecipe
