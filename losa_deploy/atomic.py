@@ -8,25 +8,30 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
+def write_with(path: str | os.PathLike, write: Callable[[BinaryIO], None], mode: int = 0o644) -> Path:
+    """Write `path` atomically through `write(binary_file)` (text, JSON, torch.save): temp file, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_with(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

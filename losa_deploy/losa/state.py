@@ -8,18 +8,16 @@ A Ctrl-C while saving leaves the previous checkpoint in place (temp file + os.re
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..atomic import write_with
 from ..errors import UserError
 
 STATE_FILE = "losa_state.pt"
@@ -55,18 +53,7 @@ def save_state(work_dir: Path, state: dict[str, Any]) -> Path:
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     final = work_dir / STATE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=work_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return final
+    return write_with(final, lambda f: torch.save(state, f), mode=0o600)
 
 
 def load_state(work_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
