@@ -26,13 +26,7 @@ from losa_deploy.sequential import (
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "opt"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and the test machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(n: int = 4, seqlen: int = 24, seed: int = 0) -> torch.Tensor:
