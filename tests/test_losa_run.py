@@ -137,11 +137,37 @@ def test_lm_objective_masks_prompt_tokens(tmp_path):
     (dict(losa_rank_max=20), "rank-end"),
     (dict(allocation="owl"), "rmi"),
     (dict(losa_train_samples=1), "train-samples"),
+    (dict(allocation="atp"), "numeric --atp-beta"),
+    (dict(allocation="atp", atp_beta="auto"), "numeric --atp-beta"),
 ])
 def test_validation_errors(tmp_path, text_file, kw, msg):
     rec = _recipe(tmp_path, text_file, **kw)
     with pytest.raises(UserError, match=msg):
         validate_losa(rec)
+
+
+def test_step_atp_beta_capped_at_each_steps_legal_range():
+    from losa_deploy.allocation import atp_beta_range
+    from losa_deploy.losa.run import step_atp_beta
+
+    # 30 blocks: at S_t = 0.7 the range is 0.3*2/29 = 0.02069 (beta 0.0118 passes unchanged); at S_t = 0.1 it is
+    # 0.1*2/29 = 0.006897, so the same beta is capped just below that maximum.
+    assert step_atp_beta(0.0118, 30, 0.7) == 0.0118
+    capped = step_atp_beta(0.0118, 30, 0.1)
+    assert capped == pytest.approx(0.2 / 29) and capped < atp_beta_range(30, 0.1)[1]
+
+
+def test_losa_with_atp_rates(tmp_path, text_file):
+    model, tok = tiny_model("llama", layers=4, hidden=32, inter=64, heads=4, kv_heads=2), byte_tokenizer()
+    rec = _recipe(tmp_path, text_file, allocation="atp", atp_beta=0.05, sparsity=0.5)
+    res = run_losa(model, tok, rec, tmp_path / "work", progress=False)
+    _zero_pattern_exact(model, res.masks)
+    man = res.manifest
+    last = man["steps"][-1]
+    # ATP at S = 0.5, L = 4, beta = 0.05: 0.425, 0.475, 0.525, 0.575 (mean exactly S)
+    assert last["block_rates"] == pytest.approx([0.425, 0.475, 0.525, 0.575])
+    first_target = man["steps"][0]["sparsity_target"]  # 0.4375: legal max 2*0.4375/3 = 0.29 > 0.05, no cap
+    assert man["atp_beta"] == {"recipe": 0.05, "per_step": [0.05, 0.05]} and first_target == pytest.approx(0.4375)
 
 
 def test_distill_without_room_refused(tmp_path, text_file, monkeypatch):

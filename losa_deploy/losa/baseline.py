@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .adapter import attach_adapters, check_zero_pattern, merge_into
-from .run import LosaResult, _mean_sparsity, validate_losa
+from .run import LosaResult, _mean_sparsity, block_rates_at, validate_losa
 from .train import batches, bf16_autocast_supported, build_train_samples, make_optimizer, num_batches, train_slice
 
 VARIANT = "dense-lora"
@@ -40,12 +40,11 @@ def run_dense_lora(
     Returns a `LosaResult` like `run_losa` (`compress` handles both the same way); its manifest section has
     `"variant": "dense-lora"`. `work_dir` is accepted for the same call shape and left unused: nothing to resume.
     """
-    from ..allocation import rmi_rates, uniform_rates
     from ..data import calibration_ids
     from ..model_parts import block_param_counts, find_blocks, prunable_linears
     from ..pruning.masks import mixed_n_per_block
     from ..recipe import PruneSpec, pattern_parts
-    from ..sequential import collect_block_grams, prune_sequential
+    from ..sequential import prune_sequential
 
     t_all = time.perf_counter()
     if getattr(recipe, "resume", False):
@@ -84,11 +83,7 @@ def run_dense_lora(
     def prune_pass() -> tuple[Any, float, float]:
         """One pipeline pass to S with the recipe's allocation and pattern (rates computed on the current model)."""
         t0 = time.perf_counter()
-        if recipe.allocation == "rmi":
-            grams = collect_block_grams(model, calib_ids, device=device, offload=recipe.offload, progress=progress)
-            rates = rmi_rates(grams, S, beta=recipe.rmi_beta, weights=weights)
-        else:
-            rates = uniform_rates(L, S, weights)
+        rates = block_rates_at(model, recipe, calib_ids, S, weights, L, progress)
         alloc_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         n_per = mixed_n_per_block(rates, m_fixed, S, weights) if kind == "mixed" else None

@@ -16,7 +16,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,34 @@ from .train import (batches, bf16_autocast_supported, build_train_samples, make_
                     reset_inactive_state, split_slices, train_slice)
 
 PLOT_FILE = "losa_schedule.png"
-LOSA_ALLOCATIONS = ("rmi", "uniform")
+LOSA_ALLOCATIONS = ("rmi", "uniform", "atp")
+
+
+def step_atp_beta(beta: float, num_blocks: int, sparsity: float) -> float:
+    """ATP's step for one LoSA step: the recipe's beta, capped at the legal maximum for this step's target.
+
+    The legal range shrinks with min(S_t, 1-S_t), so an early, low S_t may not admit the beta tuned for the final S;
+    at the cap (S_t >= 0.5) the last block would be 100% sparse, hence the factor just below 1.
+    """
+    from ..allocation import atp_beta_range
+
+    _, hi = atp_beta_range(num_blocks, sparsity)
+    return min(float(beta), hi * (1.0 - 1e-9))
+
+
+def block_rates_at(model: nn.Module, recipe: Any, calib_ids: Tensor, sparsity: float,
+                   weights: Sequence[float] | None, num_blocks: int, progress: bool) -> list[float]:
+    """Per-block rates for one target on the current (merged) model: RMI, ATP with a fixed beta, or uniform."""
+    from ..allocation import atp_rates, rmi_rates, uniform_rates
+    from ..sequential import collect_block_grams
+
+    if recipe.allocation == "rmi":
+        grams = collect_block_grams(model, calib_ids, device=str(recipe.device), offload=recipe.offload,
+                                    progress=progress)
+        return rmi_rates(grams, sparsity, beta=recipe.rmi_beta, weights=weights)
+    if recipe.allocation == "atp":
+        return atp_rates(num_blocks, sparsity, step_atp_beta(recipe.atp_beta, num_blocks, sparsity), weights)
+    return uniform_rates(num_blocks, sparsity, weights)
 
 
 @dataclass
@@ -80,7 +107,10 @@ def validate_losa(recipe: Any, model: nn.Module | None = None) -> None:
     if recipe.losa_mask_method not in ("wanda", "sparsegpt"):
         raise UserError(f"unknown LoSA mask method '{recipe.losa_mask_method}': use wanda or sparsegpt")
     if recipe.allocation not in LOSA_ALLOCATIONS:
-        raise UserError(f"--method {method} allocates with rmi or uniform, not '{recipe.allocation}'")
+        raise UserError(f"--method {method} allocates with rmi, atp or uniform, not '{recipe.allocation}'")
+    if recipe.allocation == "atp" and not isinstance(recipe.atp_beta, float):
+        raise UserError(f"--method {method} --allocation atp needs a numeric --atp-beta (tune one with "
+                        "'compress --method wanda --allocation atp --atp-beta auto' and reuse its manifest's beta)")
     if not recipe.losa_lr > 0:
         raise UserError(f"--lr must be > 0 (got {recipe.losa_lr})")
     if not 0 <= recipe.losa_dropout < 1:
@@ -142,12 +172,11 @@ def run_losa(
     rewritten after every step, and `losa_schedule.png` (listed in `LosaResult.files`). With `recipe.resume` a
     run continues after the last complete step; the result equals that of an uninterrupted run.
     """
-    from ..allocation import rmi_rates, uniform_rates
     from ..data import calibration_ids
     from ..model_parts import block_param_counts, find_blocks, prunable_linears
     from ..pruning.masks import mixed_n_per_block
     from ..recipe import PruneSpec, pattern_parts
-    from ..sequential import collect_block_grams, prune_sequential
+    from ..sequential import prune_sequential
 
     t_all = time.perf_counter()
     validate_losa(recipe, model)
@@ -225,11 +254,7 @@ def run_losa(
             timing["merge_s"] = time.perf_counter() - t0
             # (2) block rates for S_t on the merged model.
             t0 = time.perf_counter()
-            if recipe.allocation == "rmi":
-                grams = collect_block_grams(model, calib_ids, device=device, offload=recipe.offload, progress=progress)
-                rates = rmi_rates(grams, S_t, beta=recipe.rmi_beta, weights=weights)
-            else:
-                rates = uniform_rates(L, S_t, weights)
+            rates = block_rates_at(model, recipe, calib_ids, S_t, weights, L, progress)
             timing["rmi_s"] = time.perf_counter() - t0
             # (3) prune the merged weights block by block (masks recomputed, so they may regrow).
             t0 = time.perf_counter()
@@ -336,6 +361,8 @@ def run_losa(
         "steps": history,
         "schedule": {"sparsity": targets, "omega": omegas, "rank_cap": r_max},
         "objective": recipe.losa_objective, "mask_method": recipe.losa_mask_method, "allocation": recipe.allocation,
+        "atp_beta": ({"recipe": recipe.atp_beta, "per_step": [step_atp_beta(recipe.atp_beta, L, x) for x in targets]}
+                     if recipe.allocation == "atp" else None),
         "rank_allocation": "uniform" if getattr(recipe, "losa_uniform_ranks", False) else "reconstruction-error",
         "train_data": recipe.losa_train_data, "train_samples": len(samples), "train_seqlen": recipe.losa_train_seqlen,
         "batch_size": bs, "optimizer": {"name": "AdamW", "lr": recipe.losa_lr, "weight_decay": 0.0, "warmup": 0.3,
