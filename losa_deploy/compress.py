@@ -63,6 +63,22 @@ def check_model_against_recipe(model: Any, recipe: CompressRecipe) -> None:
 
 
 # -------------------------------------------------------------------------------------------- allocation
+def _one_buffer_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of `tensors` as views of one buffer per (device, dtype): one allocation, returned whole when freed."""
+    groups: dict[tuple, list[str]] = {}
+    for k, t in tensors.items():
+        groups.setdefault((t.device, t.dtype), []).append(k)
+    out: dict[str, torch.Tensor] = {}
+    for (device, dtype), keys in groups.items():
+        flat = torch.empty(sum(tensors[k].numel() for k in keys), dtype=dtype, device=device)
+        offset = 0
+        for k in keys:
+            n = tensors[k].numel()
+            out[k] = flat[offset : offset + n].view(tensors[k].shape).copy_(tensors[k])
+            offset += n
+    return out
+
+
 def _tune_atp(
     model: Any, calib_ids: torch.Tensor, tune_ids: torch.Tensor, recipe: CompressRecipe, weights: list[float] | None,
     device: str, progress: bool,
@@ -88,7 +104,10 @@ def _tune_atp(
     sq = {} if use_magnitude else collect_wanda_stats(model, calib_ids, ignore=recipe.ignore, device=device,
                                                      offload=recipe.offload, progress=progress, desc="ATP: dense statistics")
     lins = prunable_linears(model, recipe.ignore)
-    dense = {k: lin.weight.data.clone() for k, (_, lin) in lins.items()}
+    # The dense weights live in ONE buffer and every candidate is masked in place: per-layer clones (hundreds of
+    # small allocations) stay in the allocator's heap after they are freed, which raised the peak RSS of the
+    # prune that follows; one large buffer is unmapped as soon as it is released.
+    dense = _one_buffer_copy({k: lin.weight.data for k, (_, lin) in lins.items()})
 
     def score(k: str) -> torch.Tensor:  # recomputed per beta: caching every layer's fp32 scores doubles peak memory
         return magnitude_scores(dense[k]) if use_magnitude else wanda_scores(dense[k], sq[k])
@@ -101,7 +120,7 @@ def _tune_atp(
             ns = mixed_n_per_block(rates, m, S, weights) if kind == "mixed" else None
             for k, (bi, lin) in lins.items():
                 mask = nm_mask(score(k), ns[bi], m) if ns is not None else unstructured_row_mask(score(k), rates[bi])
-                lin.weight.data = dense[k] * mask.to(dense[k].dtype)
+                lin.weight.data.copy_(dense[k]).mul_(mask.to(dense[k].dtype))
             if recipe.offload:
                 model.to(device)
             ppl = perplexity(model, tune_ids.reshape(-1), tune_ids.shape[1], progress=False).perplexity
@@ -111,7 +130,8 @@ def _tune_atp(
             err.print(f"[dim]ATP tuning: beta={beta:.5f}  tuning perplexity {ppl:.3f}{'  (uniform, reference only)' if beta == 0 else ''}[/dim]", highlight=False)
     finally:
         for k, (_, lin) in lins.items():
-            lin.weight.data = dense[k]
+            lin.weight.data.copy_(dense[k])
+        del dense
     cands = [r for r in rows if r["candidate"] and math.isfinite(r["tune_ppl"])]
     if not cands:
         raise UserError("ATP tuning produced no finite perplexity; pass --atp-beta explicitly")

@@ -107,6 +107,24 @@ def test_atp_auto_records_grid_and_tunes_on_heldout_windows(tiny_dir, text_file,
     assert rates == sorted(rates) and sum(rates) / 4 == pytest.approx(0.6)
 
 
+def test_atp_tuning_restores_the_dense_weights_exactly(text_file):
+    from losa_deploy.compress import _one_buffer_copy, _tune_atp
+    from losa_deploy.recipe import CompressRecipe
+    from tiny import tiny_model
+
+    model = tiny_model("llama", layers=4, hidden=32, inter=64, heads=4, kv_heads=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 200, (3, 32), generator=torch.Generator().manual_seed(0))
+    rec = CompressRecipe(out="unused", method="wanda", sparsity=0.6, allocation="atp", atp_beta="auto",
+                         calib_data=str(text_file), nsamples=3, seqlen=32)
+    beta, info = _tune_atp(model, ids, ids[:2], rec, None, "cpu", progress=False)
+    assert 0 < beta < info["range"][1] and len(info["grid"]) == rec.atp_grid + 1
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    copies = _one_buffer_copy({"a": torch.ones(2, 3), "b": torch.zeros(4), "c": torch.ones(2, dtype=torch.float64)})
+    assert copies["a"].untyped_storage().data_ptr() == copies["b"].untyped_storage().data_ptr()
+    assert copies["c"].dtype == torch.float64 and copies["a"].shape == (2, 3) and float(copies["a"].sum()) == 6
+
+
 def test_rmi_allocation(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "rmi"
     code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out), "--calib-data", str(text_file),
