@@ -246,6 +246,10 @@ def run_compress(
     from .sequential import check_realised, prune_sequential
 
     recipe.validate()
+    if recipe.method in ADAPTER_METHODS:  # option clashes refused before the model is even loaded
+        from .losa.run import validate_losa
+
+        validate_losa(recipe)
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(recipe.out).expanduser()
