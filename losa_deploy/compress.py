@@ -259,10 +259,10 @@ def run_compress(
     model, tok = load_model(recipe.model, dtype=recipe.dtype, device="cpu" if recipe.offload else device)
     timings["load_s"] = time.perf_counter() - t0
     check_model_against_recipe(model, recipe)
-    if recipe.method in ADAPTER_METHODS:  # LoSA's own checks (teacher memory for distill, ranks, steps) before any work
-        from .losa.run import validate_losa
+    if recipe.method in ADAPTER_METHODS and recipe.losa_objective == "distill":  # needs the model's size
+        from .losa.run import check_teacher_room
 
-        validate_losa(recipe, model)
+        check_teacher_room(model, recipe.device)
     blocks_name, blocks = find_blocks(model)
     L = len(blocks)
     S = recipe.target_sparsity
@@ -275,7 +275,7 @@ def run_compress(
         if usable < recipe.eval_seqlen:
             raise UserError(f"--eval-data has {usable} usable tokens, fewer than one window of --eval-seqlen {recipe.eval_seqlen}")
 
-    tuning_auto = recipe.allocation == "atp" and not isinstance(recipe.atp_beta, float) and recipe.method not in ADAPTER_METHODS
+    tuning_auto = recipe.allocation == "atp" and not isinstance(recipe.atp_beta, float)  # LoSA refused that above
     calib_ids, tune_ids, cal_info = _calibration(model, tok, recipe, recipe.tune_samples if tuning_auto else 0)
     timings["calibration_data_s"] = cal_info["seconds"]
 
