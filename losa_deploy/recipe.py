@@ -183,6 +183,10 @@ class CompressRecipe:
                 raise UserError(f"unknown mask method '{self.losa_mask_method}': use one of {', '.join(MASK_METHODS)}")
             if self.losa_train_samples < 1 or self.losa_train_seqlen <= 1 or self.losa_batch_size < 1:
                 raise UserError("--train-samples, train seqlen and batch size must be positive")
+            if not 0.0 <= self.losa_dropout < 1.0:
+                raise UserError(f"--lora-dropout must be in [0, 1) (got {self.losa_dropout})")
+            if not self.losa_alpha > 0:
+                raise UserError(f"--lora-alpha must be > 0 (got {self.losa_alpha})")
         out = Path(self.out).expanduser()
         if out.exists() and not self.overwrite:
             raise UserError(f"output '{out}' already exists; pass --overwrite or choose another --out")

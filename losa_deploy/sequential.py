@@ -4,7 +4,7 @@
 passes: attention mask, position ids, rotary cos/sin, cache position) entering block 0, then hands each block
 in turn to a *visitor* together with its inputs; the visitor gathers statistics, prunes, measures, and the
 block's outputs become the next block's inputs. Only one block's activations (nsamples x seqlen x hidden) are
-alive at a time, samples go through a block one at a time, and with `offload` only the current block sits on
+alive at a time, samples go through a block in micro-batches of ~4096 tokens, and with `offload` only the current block sits on
 the compute device. Pruning (`prune_sequential`), RMI's Gram matrices (`collect_block_grams`) and OWL's outlier
 ratios (`collect_outlier_ratios`) are three visitors on that one walk, so a fix to the data flow is made once.
 """
@@ -183,16 +183,30 @@ def capture_block_inputs(
     return store["hidden"], store["kwargs"]
 
 
+# Tokens per block forward. Samples go through a block in micro-batches of about this many tokens: small
+# matrices (hidden 576) multiply much faster on 4096 rows than on 512 (docs/benchmarks.md), while activation
+# memory stays a few sequences' worth. The captured kwargs (masks, rotary tables) have batch 1 and broadcast.
+TOKENS_PER_FORWARD = 4096
+
+
+def micro_batches(n: int, seqlen: int, tokens: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) sample ranges of about `tokens` tokens each (at least one sample per range)."""
+    step = max(1, (TOKENS_PER_FORWARD if tokens is None else tokens) // max(1, seqlen))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _forward(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
+    y = block(x, **kwargs)
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, hidden: Tensor, kwargs: dict, out: Tensor | None = None) -> Tensor:
-    """Block outputs for every sample, one sample at a time (memory: one sequence's activations)."""
+    """Block outputs for every sample, a micro-batch at a time (memory: a few sequences' activations)."""
     if out is None:
         out = torch.empty_like(hidden)
-    for i in range(hidden.shape[0]):
-        y = block(hidden[i : i + 1], **kwargs)
-        if isinstance(y, (tuple, list)):
-            y = y[0]
-        out[i] = y[0]
+    for a, b in micro_batches(hidden.shape[0], hidden.shape[1]):
+        out[a:b] = _forward(block, hidden[a:b], kwargs)
     return out
 
 
@@ -265,19 +279,20 @@ class _Stats:
         self.nsamples = 0
         self.tokens = 0
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, count: int = 1) -> None:
+        """`x`: the inputs of `count` samples, any leading shape (OPT flattens them to [tokens, in])."""
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.sq is not None:
             self.sq += (x * x).sum(dim=0)
         if self.H is not None:
             # SparseGPT reference accumulation: H = (2 / nsamples) * sum over samples of X X^T, as a running mean.
-            self.H *= self.nsamples / (self.nsamples + 1)
-            self.nsamples += 1
+            self.H *= self.nsamples / (self.nsamples + count)
+            self.nsamples += count
             xs = math.sqrt(2.0 / self.nsamples) * x
             self.H += xs.T @ xs
         else:
-            self.nsamples += 1
+            self.nsamples += count
 
 
 @torch.no_grad()
@@ -292,7 +307,7 @@ def gather_stats(
 ) -> tuple[dict[str, _Stats], Tensor]:
     """Run the block once with input hooks on `linears`; return ({name: stats}, block outputs).
 
-    Linears fed the very same tensor (q/k/v, gate/up) share one accumulator: found on the first sample by
+    Linears fed the very same tensor (q/k/v, gate/up) share one accumulator: found on the first micro-batch by
     object identity (the cached tensors are kept alive, so an id cannot be reused within the sample).
     """
     stats: dict[str, _Stats] = {}
@@ -300,6 +315,7 @@ def gather_stats(
     handles: dict[str, Any] = {}
     aliases: set[str] = set()
     first = {"on": True}
+    current = {"count": 1}
 
     def make_hook(lname: str, lin: nn.Linear):
         def hook(mod: nn.Module, inp: tuple, out: Any) -> None:
@@ -312,7 +328,7 @@ def gather_stats(
                     return
                 st = stats.setdefault(lname, _Stats(lin.in_features, x.device, need_sq, need_h))
                 owner[id(x)] = (x, st)
-            stats[lname].add(x)
+            stats[lname].add(x, current["count"])
 
         return hook
 
@@ -320,11 +336,9 @@ def gather_stats(
         handles[lname] = lin.register_forward_hook(make_hook(lname, lin))
     out = torch.empty_like(hidden)
     try:
-        for i in range(hidden.shape[0]):
-            y = block(hidden[i : i + 1], **kwargs)
-            if isinstance(y, (tuple, list)):
-                y = y[0]
-            out[i] = y[0]
+        for a, b in micro_batches(hidden.shape[0], hidden.shape[1]):
+            current["count"] = b - a
+            out[a:b] = _forward(block, hidden[a:b], kwargs)
             if first["on"]:
                 first["on"] = False
                 owner.clear()

@@ -55,6 +55,47 @@ def test_masked_adapter_forward_and_merge_agree():
     assert bool((lin.weight[~mask] == 0).all())
 
 
+def test_fused_adapter_equals_hook_form_in_output_and_gradients():
+    """Without dropout the adapter is fused into the linear's weight (one matmul); outputs and the gradients of
+    A, B and the input must equal those of the two-matmul hook form, enabled or not, and removal restores it."""
+    from losa_deploy.losa.adapter import _FusedForward, _hook, attach_adapters
+
+    torch.manual_seed(0)
+    mask = torch.rand(6, 10) > 0.5
+    results = []
+    for fused in (True, False):
+        lin = torch.nn.Linear(10, 6, bias=True)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(6, 10) * mask)
+            lin.bias.copy_(torch.randn(6))
+        lin.requires_grad_(False)
+        aset = attach_adapters({"w": (0, lin)}, r_max=4, alpha=8.0, dropout=0.0, seed=3)
+        a = aset.adapters["w"]
+        assert isinstance(aset.handles[0], _FusedForward)
+        if not fused:  # swap in the hook form on the very same adapter
+            aset.remove()
+            aset.handles = [lin.register_forward_hook(_hook(a))]
+        with torch.no_grad():
+            a.mask.copy_(mask)
+            a.B.normal_(generator=torch.Generator().manual_seed(5))
+        a.rank = 3
+        x = torch.randn(7, 10, generator=torch.Generator().manual_seed(9), requires_grad=True)
+        y = lin(x)
+        (y * torch.arange(6.0)).sum().backward()
+        a.enabled = False
+        y_off = lin(x).detach()
+        results.append((y.detach(), x.grad.clone(), a.A.grad.clone(), a.B.grad.clone(), y_off))
+        aset.remove()
+        assert "forward" not in lin.__dict__ and not lin._forward_hooks
+    for f, h in zip(*results):
+        torch.testing.assert_close(f, h, rtol=1e-5, atol=1e-5)
+    # dropout keeps the hook form (the adapter reads a dropped-out input)
+    lin = torch.nn.Linear(10, 6)
+    aset = attach_adapters({"w": (0, lin)}, r_max=4, alpha=8.0, dropout=0.1)
+    assert not isinstance(aset.handles[0], _FusedForward) and lin._forward_hooks
+
+
 def test_set_rank_keeps_function():
     torch.manual_seed(1)
     mask = torch.rand(8, 12) > 0.3
