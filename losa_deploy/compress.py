@@ -276,7 +276,12 @@ def run_compress(
             raise UserError(f"--eval-data has {usable} usable tokens, fewer than one window of --eval-seqlen {recipe.eval_seqlen}")
 
     tuning_auto = recipe.allocation == "atp" and not isinstance(recipe.atp_beta, float)  # LoSA refused that above
-    calib_ids, tune_ids, cal_info = _calibration(model, tok, recipe, recipe.tune_samples if tuning_auto else 0)
+    # Magnitude scores ignore the data; only OWL / RMI / ATP-auto allocations would read it.
+    data_free = recipe.method == "magnitude" and (recipe.allocation == "uniform" or (recipe.allocation == "atp" and not tuning_auto))
+    if data_free:
+        calib_ids, tune_ids, cal_info = None, None, {"tuning": {}, "seconds": 0.0}
+    else:
+        calib_ids, tune_ids, cal_info = _calibration(model, tok, recipe, recipe.tune_samples if tuning_auto else 0)
     timings["calibration_data_s"] = cal_info["seconds"]
 
     def ppl() -> dict[str, Any]:
@@ -377,8 +382,10 @@ def run_compress(
         allocation=alloc_info,
         blocks=blocks_out,
         linears=linears_out,
-        calibration={"source": recipe.calib_data, "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-                     "seed": recipe.seed, "tokens": int(calib_ids.numel()), "tuning": cal_info["tuning"] or None},
+        calibration=({"source": None, "note": "magnitude pruning with these rates reads no data; calibration flags unused"}
+                     if calib_ids is None else
+                     {"source": recipe.calib_data, "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
+                      "seed": recipe.seed, "tokens": int(calib_ids.numel()), "tuning": cal_info["tuning"] or None}),
         timings=timings,
         memory={"peak_rss_mb": peak_rss_mb(),
                 **({"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.device(device).type == "cuda" else {})},

@@ -4,7 +4,7 @@
 passes: attention mask, position ids, rotary cos/sin, cache position) entering block 0, then hands each block
 in turn to a *visitor* together with its inputs; the visitor gathers statistics, prunes, measures, and the
 block's outputs become the next block's inputs. Only one block's activations (nsamples x seqlen x hidden) are
-alive at a time, samples go through a block in micro-batches of ~4096 tokens, and with `offload` only the current block sits on
+alive at a time, samples go through a block one at a time, and with `offload` only the current block sits on
 the compute device. Pruning (`prune_sequential`), RMI's Gram matrices (`collect_block_grams`) and OWL's outlier
 ratios (`collect_outlier_ratios`) are three visitors on that one walk, so a fix to the data flow is made once.
 """
@@ -183,30 +183,19 @@ def capture_block_inputs(
     return store["hidden"], store["kwargs"]
 
 
-# Tokens per block forward. Samples go through a block in micro-batches of about this many tokens: small
-# matrices (hidden 576) multiply much faster on 4096 rows than on 512 (docs/benchmarks.md), while activation
-# memory stays a few sequences' worth. The captured kwargs (masks, rotary tables) have batch 1 and broadcast.
-TOKENS_PER_FORWARD = 4096
-
-
-def micro_batches(n: int, seqlen: int, tokens: int | None = None) -> list[tuple[int, int]]:
-    """[start, end) sample ranges of about `tokens` tokens each (at least one sample per range)."""
-    step = max(1, (TOKENS_PER_FORWARD if tokens is None else tokens) // max(1, seqlen))
-    return [(i, min(i + step, n)) for i in range(0, n, step)]
-
-
-def _forward(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
-    y = block(x, **kwargs)
-    return y[0] if isinstance(y, (tuple, list)) else y
-
-
 @torch.no_grad()
 def run_block(block: nn.Module, hidden: Tensor, kwargs: dict, out: Tensor | None = None) -> Tensor:
-    """Block outputs for every sample, a micro-batch at a time (memory: a few sequences' activations)."""
+    """Block outputs for every sample, one sample at a time (memory: one sequence's activations).
+
+    Batching samples gains nothing on CPU: at 512 tokens a block's matmuls already run at the machine's peak
+    (measured on the embedded model, docs/benchmarks.md)."""
     if out is None:
         out = torch.empty_like(hidden)
-    for a, b in micro_batches(hidden.shape[0], hidden.shape[1]):
-        out[a:b] = _forward(block, hidden[a:b], kwargs)
+    for i in range(hidden.shape[0]):
+        y = block(hidden[i : i + 1], **kwargs)
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        out[i] = y[0]
     return out
 
 
@@ -279,20 +268,19 @@ class _Stats:
         self.nsamples = 0
         self.tokens = 0
 
-    def add(self, x: Tensor, count: int = 1) -> None:
-        """`x`: the inputs of `count` samples, any leading shape (OPT flattens them to [tokens, in])."""
+    def add(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.sq is not None:
             self.sq += (x * x).sum(dim=0)
         if self.H is not None:
             # SparseGPT reference accumulation: H = (2 / nsamples) * sum over samples of X X^T, as a running mean.
-            self.H *= self.nsamples / (self.nsamples + count)
-            self.nsamples += count
+            self.H *= self.nsamples / (self.nsamples + 1)
+            self.nsamples += 1
             xs = math.sqrt(2.0 / self.nsamples) * x
             self.H += xs.T @ xs
         else:
-            self.nsamples += count
+            self.nsamples += 1
 
 
 @torch.no_grad()
@@ -307,7 +295,7 @@ def gather_stats(
 ) -> tuple[dict[str, _Stats], Tensor]:
     """Run the block once with input hooks on `linears`; return ({name: stats}, block outputs).
 
-    Linears fed the very same tensor (q/k/v, gate/up) share one accumulator: found on the first micro-batch by
+    Linears fed the very same tensor (q/k/v, gate/up) share one accumulator: found on the first sample by
     object identity (the cached tensors are kept alive, so an id cannot be reused within the sample).
     """
     stats: dict[str, _Stats] = {}
@@ -315,7 +303,6 @@ def gather_stats(
     handles: dict[str, Any] = {}
     aliases: set[str] = set()
     first = {"on": True}
-    current = {"count": 1}
 
     def make_hook(lname: str, lin: nn.Linear):
         def hook(mod: nn.Module, inp: tuple, out: Any) -> None:
@@ -328,7 +315,7 @@ def gather_stats(
                     return
                 st = stats.setdefault(lname, _Stats(lin.in_features, x.device, need_sq, need_h))
                 owner[id(x)] = (x, st)
-            stats[lname].add(x, current["count"])
+            stats[lname].add(x)
 
         return hook
 
@@ -336,9 +323,11 @@ def gather_stats(
         handles[lname] = lin.register_forward_hook(make_hook(lname, lin))
     out = torch.empty_like(hidden)
     try:
-        for a, b in micro_batches(hidden.shape[0], hidden.shape[1]):
-            current["count"] = b - a
-            out[a:b] = _forward(block, hidden[a:b], kwargs)
+        for i in range(hidden.shape[0]):
+            y = block(hidden[i : i + 1], **kwargs)
+            if isinstance(y, (tuple, list)):
+                y = y[0]
+            out[i] = y[0]
             if first["on"]:
                 first["on"] = False
                 owner.clear()
@@ -420,7 +409,7 @@ def recon_error(dense_out: Tensor, pruned_out: Tensor) -> float:
 @torch.no_grad()
 def prune_sequential(
     model: nn.Module,
-    calib_ids: Tensor,
+    calib_ids: Tensor | None,
     recipe: PruneSpec,
     rates: Sequence[float],
     *,
@@ -436,6 +425,7 @@ def prune_sequential(
     `dense_state` ({full param name: tensor}): also record each block's reconstruction error (dense block on
     dense inputs vs pruned block on pruned inputs), for LoSA's rank allocation.
     `block_hook(index, block, {full weight name: mask})` runs after each block is pruned.
+    Magnitude without `dense_state` reads no data (`calib_ids` may be None) and runs no block.
     """
     from .pruning.masks import nm_mask, unstructured_row_mask
     from .pruning.scores import magnitude_scores, wanda_scores
@@ -505,6 +495,8 @@ def prune_sequential(
         t_prune += time.perf_counter() - t0
         if block_hook is not None:
             block_hook(i, block, block_masks)
+        if hidden is None:  # the data-free magnitude path: nothing flows to the next block
+            return None  # type: ignore[return-value]
         t0 = time.perf_counter()
         out = run_block(block, hidden, kwargs)
         if dense_out is not None:
@@ -512,6 +504,20 @@ def prune_sequential(
         t_stats += time.perf_counter() - t0  # the re-run is part of the data flow cost
         return out
 
+    if recipe.method == "magnitude" and dense_state is None:
+        # Magnitude masks do not depend on the inputs, so no block needs to run: prune them in place, no data.
+        t0 = time.perf_counter()
+        name, _ = find_blocks(model)
+        with _progress(f"pruning ({recipe.method})", len(blocks), progress) as prog:
+            task = prog.add_task(f"pruning ({recipe.method})", total=len(blocks))
+            for i, blk in enumerate(blocks):
+                visit(i, block_prefix(name, i), blk, None, {})  # type: ignore[arg-type]
+                prog.update(task, advance=1)
+        res.timings = {"capture_s": 0.0, "forward_s": 0.0, "prune_s": t_prune, "dense_reference_s": 0.0,
+                       "total_s": time.perf_counter() - t0}
+        return res
+    if calib_ids is None:
+        raise ValueError(f"prune_sequential: {recipe.method} needs calibration ids")
     walk = walk_blocks(model, calib_ids, visit, device=device, offload=offload, progress=progress,
                        desc=f"pruning ({recipe.method})")
     res.timings = {"capture_s": walk["capture_s"], "forward_s": t_stats, "prune_s": t_prune,

@@ -135,6 +135,23 @@ def test_rmi_allocation(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     assert sum(rates) / 4 == pytest.approx(0.7) and all(abs(r - 0.7) <= 0.03 + 1e-9 for r in rates)
 
 
+def test_magnitude_reads_no_calibration_data(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Magnitude with uniform rates never touches data: the default 'self' calibration is not generated."""
+    import losa_deploy.data as data
+
+    def boom(*a, **k):
+        raise AssertionError("calibration data was built for a data-free prune")
+
+    monkeypatch.setattr(data, "calibration_ids", boom)
+    out = tmp_path / "mag"
+    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out), "--method", "magnitude",
+                       "--sparsity", "0.6")
+    assert code == 0, e
+    man = json.loads((out / "losa_manifest.json").read_text())
+    assert man["calibration"]["source"] is None
+    assert all(abs(d["realised"] - 0.6) < 0.02 for d in man["linears"].values())
+
+
 def _error_cases(tiny_dir: Path, text_file: Path, short: Path) -> list[tuple[list[str], str]]:
     base = ["--model", str(tiny_dir), "--calib-data", str(text_file), "--nsamples", "2", "--seqlen", "32"]
     return [

@@ -121,7 +121,8 @@ def test_magnitude_masks_match_inline_magnitude_and_per_block_rates():
     model = tiny_model("llama")
     ref = tiny_model("llama")
     rates = [0.2, 0.4, 0.6, 0.8]
-    res = prune_sequential(model, _ids(), PruneSpec("magnitude", "unstructured"), rates, progress=False)
+    res = prune_sequential(model, None, PruneSpec("magnitude", "unstructured"), rates, progress=False)  # no data needed
+    assert res.timings["forward_s"] == 0.0
     for full, (bi, lin) in prunable_linears(ref).items():
         w = lin.weight.detach()
         k = int(rates[bi] * w.shape[1] + 1e-9)
@@ -355,29 +356,3 @@ def test_sliding_window_blocks_get_their_own_mask():
         expect = torch.cat([h[i] for h in hs])
         assert torch.allclose(seen[i], expect, atol=1e-5), i
 
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_micro_batched_forward_equals_one_sample_at_a_time(arch, monkeypatch):
-    """Samples share a block forward (the captured batch-1 kwargs broadcast): outputs, Wanda sums and SparseGPT's
-    running-mean Hessian must equal the one-sample-at-a-time reference for every architecture."""
-    import losa_deploy.sequential as seq
-
-    model = tiny_model(arch)
-    ids = _ids(5, 24)
-    hidden, kw = capture_block_inputs(model, ids)
-    _, blocks = find_blocks(model)
-    lins = find_linears(blocks[1])
-    got = {}
-    for tokens in (1, 48, 4096):  # 1 sample, 2 samples (last batch shorter), all 5 per forward
-        monkeypatch.setattr(seq, "TOKENS_PER_FORWARD", tokens)
-        stats, out = seq.gather_stats(blocks[1], lins, hidden, kw, need_sq=True, need_h=True)
-        got[tokens] = (out, stats, seq.run_block(blocks[1], hidden, kw))
-    ref_out, ref_stats, _ = got[1]
-    assert seq.micro_batches(5, 24, 48) == [(0, 2), (2, 4), (4, 5)]
-    for tokens in (48, 4096):
-        out, stats, rerun = got[tokens]
-        assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(rerun, ref_out, atol=1e-5)
-        for name in lins:
-            assert stats[name].nsamples == 5 and stats[name].tokens == 5 * 24
-            assert torch.allclose(stats[name].sq, ref_stats[name].sq, rtol=1e-5)
-            assert torch.allclose(stats[name].H, ref_stats[name].H, rtol=1e-4, atol=1e-5)
