@@ -76,6 +76,27 @@ def test_self_calibration(tiny_dir, tmp_path, monkeypatch):
     assert a.shape == (3, 16) and torch.equal(a, b)
 
 
+def test_top_p_sample_keeps_the_nucleus_with_or_without_the_full_sort():
+    """Hand case: probabilities 0.5, 0.3, 0.15, 0.05 with top_p 0.7 keep tokens 0 and 1 (the mass before token 2 is
+    0.8), drawn 5:3. k = 2 holds the nucleus (0.8 >= 0.7); k = 1 does not and takes the full-sort fallback."""
+    from losa_deploy.selfdata import top_p_sample
+
+    probs = torch.tensor([[0.05, 0.3, 0.5, 0.15]]).repeat(4000, 1)  # tokens 2 (0.5) and 1 (0.3) are the nucleus
+    for k in (2, 1, 1024):
+        draws = top_p_sample(probs, 0.7, torch.Generator().manual_seed(k), k=k).flatten()
+        assert set(draws.tolist()) == {1, 2}
+        assert abs(float((draws == 2).float().mean()) - 0.625) < 0.03
+    # random distributions, peaked and flat rows mixed: every draw lies in the full-sort nucleus
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 3000, generator=g) * torch.linspace(0.1, 8.0, 64)[:, None]
+    p = torch.softmax(logits, -1)
+    sp, si = p.sort(dim=-1, descending=True)
+    nucleus = [set(si[r][(sp[r].cumsum(0) - sp[r]) < 0.95].tolist()) for r in range(64)]
+    for seed in range(5):
+        d = top_p_sample(p, 0.95, torch.Generator().manual_seed(seed), k=64).flatten().tolist()
+        assert all(d[r] in nucleus[r] for r in range(64))
+
+
 def test_perplexity_protocol_matches_manual(tiny_dir):
     m, _ = load_model(str(tiny_dir))
     ids = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(0))
