@@ -51,6 +51,7 @@ def test_full_losa_run_tiny(tmp_path, text_file):
         assert all(abs(r - s["sparsity_target"]) <= 0.0101 for r in s["block_rates"])
     assert len(man["loss_curve"]) == man["optimizer"]["total_steps"] == 4  # 12 samples / 2 steps / batch 4
     assert all(k in man["timings"] for k in ("rmi_s", "prune_s", "train_s", "merge_s"))
+    assert man["dropout"] == 0.1 and man["adapter_form"] == "hook"
     json.dumps(man)  # manifest-ready
     assert (tmp_path / "work" / "losa_schedule.png").is_file() and "losa_schedule.png" in res.files
     assert (tmp_path / "work" / STATE_FILE).is_file()
@@ -105,9 +106,12 @@ def test_instruction_data_distill_and_nm(tmp_path, text_file):
     tok = byte_tokenizer()
     model = tiny_model("llama", **SMALL)
     rec = _recipe(tmp_path, text_file, pattern="2:4", sparsity=None, losa_train_data=str(data), nsamples=4,
-                  losa_objective="distill", losa_train_samples=4, losa_train_seqlen=256, losa_mask_method="sparsegpt")
+                  losa_objective="distill", losa_train_samples=4, losa_train_seqlen=256, losa_mask_method="sparsegpt",
+                  losa_dropout=0.0)
     res = run_losa(model, tok, rec, tmp_path / "w", progress=False)
     _zero_pattern_exact(model, res.masks)
+    assert res.manifest["adapter_form"] == "fused"  # no dropout: adapter and weight in one matmul
+    assert all("forward" not in m.__dict__ for m in model.modules())  # and the class forward is back
     for m in res.masks.values():  # 2 kept of every 4 consecutive inputs
         assert bool((m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all())
     assert res.manifest["objective"] == "distill" and res.manifest["teacher_dtype"] == "float32"

@@ -105,6 +105,7 @@ class AdapterSet:
     linears: dict[str, nn.Linear]
     block_of: dict[str, int]
     handles: list
+    form: str = "hook"  # "fused" (one matmul per linear), "hook" (adapter beside the linear) or "mixed"
 
     def parameters(self) -> Iterable[nn.Parameter]:
         for name in sorted(self.adapters):
@@ -165,7 +166,8 @@ def attach_adapters(linears: dict[str, tuple[int, nn.Linear]], r_max: int, alpha
         a.to(lin.weight.device)
         adapters[name], lin_map[name], block_of[name] = a, lin, bi
         handles.append(_FusedForward(lin, a) if _fusable(lin, a) else lin.register_forward_hook(_hook(a)))
-    return AdapterSet(adapters, lin_map, block_of, handles)
+    kinds = {"fused" if isinstance(h, _FusedForward) else "hook" for h in handles}
+    return AdapterSet(adapters, lin_map, block_of, handles, kinds.pop() if len(kinds) == 1 else "mixed")
 
 
 @torch.no_grad()

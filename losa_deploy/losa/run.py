@@ -367,7 +367,7 @@ def run_losa(
         "train_data": recipe.losa_train_data, "train_samples": len(samples), "train_seqlen": recipe.losa_train_seqlen,
         "batch_size": bs, "optimizer": {"name": "AdamW", "lr": recipe.losa_lr, "weight_decay": 0.0, "warmup": 0.3,
                                         "schedule": "linear", "total_steps": total_updates, "max_grad_norm": 1.0},
-        "alpha": recipe.losa_alpha, "dropout": recipe.losa_dropout, "autocast": "bfloat16" if use_bf16 else None,
+        "alpha": recipe.losa_alpha, "dropout": recipe.losa_dropout, "adapter_form": adapters.form, "autocast": "bfloat16" if use_bf16 else None,
         "teacher_dtype": teacher_dtype, "loss_curve": losses, "final_ranks": final_ranks,
         "kept_weights_exactly_zero": kept_zero, "resumed_from_step": resumed_from,
         "timings": {**totals, "total_s": time.perf_counter() - t_all},
