@@ -277,7 +277,7 @@ def run_compress(
 
     tuning_auto = recipe.allocation == "atp" and not isinstance(recipe.atp_beta, float)  # LoSA refused that above
     # Magnitude scores ignore the data; only OWL / RMI / ATP-auto allocations would read it.
-    data_free = recipe.method == "magnitude" and (recipe.allocation == "uniform" or (recipe.allocation == "atp" and not tuning_auto))
+    data_free = recipe.method == "magnitude" and recipe.allocation in ("uniform", "atp") and not tuning_auto
     if data_free:
         calib_ids, tune_ids, cal_info = None, None, {"tuning": {}, "seconds": 0.0}
     else:

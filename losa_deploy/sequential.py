@@ -433,7 +433,7 @@ def prune_sequential(
 
     if recipe.method not in ("magnitude", "wanda", "sparsegpt"):
         raise ValueError(f"prune_sequential: unknown method {recipe.method!r}")
-    _, blocks = find_blocks(model)
+    blocks_name, blocks = find_blocks(model)
     if len(rates) != len(blocks):
         raise ValueError(f"{len(rates)} rates for {len(blocks)} blocks")
     kind, _, _ = pattern_parts(recipe.pattern)
@@ -507,11 +507,10 @@ def prune_sequential(
     if recipe.method == "magnitude" and dense_state is None:
         # Magnitude masks do not depend on the inputs, so no block needs to run: prune them in place, no data.
         t0 = time.perf_counter()
-        name, _ = find_blocks(model)
         with _progress(f"pruning ({recipe.method})", len(blocks), progress) as prog:
             task = prog.add_task(f"pruning ({recipe.method})", total=len(blocks))
             for i, blk in enumerate(blocks):
-                visit(i, block_prefix(name, i), blk, None, {})  # type: ignore[arg-type]
+                visit(i, block_prefix(blocks_name, i), blk, None, {})  # type: ignore[arg-type]
                 prog.update(task, advance=1)
         res.timings = {"capture_s": 0.0, "forward_s": 0.0, "prune_s": t_prune, "dense_reference_s": 0.0,
                        "total_s": time.perf_counter() - t0}

@@ -355,4 +355,3 @@ def test_sliding_window_blocks_get_their_own_mask():
     for i in range(4):
         expect = torch.cat([h[i] for h in hs])
         assert torch.allclose(seen[i], expect, atol=1e-5), i
-
