@@ -243,7 +243,7 @@ def run_compress(
     from .evaluation.perplexity import perplexity, tokenize_eval_text
     from .manifest import build_manifest, write_manifest
     from .models import load_model, resolve_device
-    from .sequential import check_realised, prune_sequential
+    from .sequential import block_compute, check_realised, prune_sequential
 
     recipe.validate()
     if recipe.method in ADAPTER_METHODS:  # option clashes refused before the model is even loaded
@@ -254,6 +254,7 @@ def run_compress(
     timings: dict[str, float] = {}
     out = Path(recipe.out).expanduser()
     device = resolve_device(recipe.device)
+    calib_dtype = resolve_calib_dtype(recipe.calib_dtype, device)
 
     t0 = time.perf_counter()
     model, tok = load_model(recipe.model, dtype=recipe.dtype, device="cpu" if recipe.offload else device)
@@ -308,54 +309,55 @@ def run_compress(
     linears_out: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
     alloc_info: dict[str, Any] = {}
-    if recipe.method in ADAPTER_METHODS:
-        work_dir = out.parent / f".{out.name}.losa-work"
-        t0 = time.perf_counter()
-        lres = _run_losa(model, tok, recipe, calib_ids, work_dir, progress)
-        timings["losa_s"] = time.perf_counter() - t0
-        losa_info, masks = dict(lres.manifest), dict(lres.masks)
-        rates = [float(r) for r in (lres.block_rates or losa_info.get("rates") or [S] * L)]
-        ranks = list(lres.block_ranks or losa_info.get("ranks") or [])
-        block_nm = list(getattr(lres, "block_nm", []) or [None] * L)
-        lins = prunable_linears(model, recipe.ignore)
-        for name, mask in masks.items():
-            if name not in lins:
-                raise RuntimeError(f"LoSA returned a mask for {name}, which is not a prunable linear")
-            bi, lin = lins[name]
-            n_, m_ = block_nm[bi] if block_nm[bi] else (0, 0)
-            target = float(lres.targets.get(name, 1 - n_ / m_ if m_ else rates[bi]))
-            # Verified here again, independently of LoSA's own check: the artefact's contract.
-            linears_out[name] = {"target": target, "realised": check_realised(name, lin.weight.data, mask, target, n_, m_),
-                                 "pattern": f"{n_}:{m_}" if m_ else "unstructured", "block": bi}
-        for i in range(L):
-            b: dict[str, Any] = {"index": i, "rate": rates[i]}
-            if block_nm[i]:
-                b["n_m"] = f"{block_nm[i][0]}:{block_nm[i][1]}"
-            if ranks:
-                b["rank"] = int(ranks[i])
-            blocks_out.append(b)
-        alloc_info = {"method": f"{recipe.allocation} ({'LoSA' if recipe.method == 'losa' else recipe.method})"}
-    else:
-        rates, ns, alloc_info = allocate(model, recipe, calib_ids, tune_ids, device, progress)
-        timings["allocation_s"] = alloc_info["seconds"]
-        spec = PruneSpec(recipe.method, recipe.pattern, ns, tuple(recipe.ignore), recipe.blocksize, recipe.percdamp)
-        t0 = time.perf_counter()
-        res = prune_sequential(model, calib_ids, spec, rates, device=device, offload=recipe.offload, progress=progress)
-        timings["prune_s"] = time.perf_counter() - t0
-        timings.update({f"prune_{k}": v for k, v in res.timings.items()})
-        masks = res.masks
-        warnings += res.warnings
-        for name in masks:
-            linears_out[name] = {"target": res.targets[name], "realised": res.realised[name], "pattern": res.patterns[name],
-                                 "block": int(name[len(blocks_name) + 1 :].split(".", 1)[0])}
-        for i in range(L):
-            b = {"index": i, "rate": res.block_rates[i]}
-            if res.block_nm[i] is not None:
-                b["n_m"] = f"{res.block_nm[i][0]}:{res.block_nm[i][1]}"
-            blocks_out.append(b)
-        if recipe.method == "sparsegpt":
-            retries = {k: v for k, v in res.sparsegpt_info.items() if v.get("damping_retries")}
-            alloc_info["sparsegpt_damping_retries"] = retries
+    with block_compute(calib_dtype):
+        if recipe.method in ADAPTER_METHODS:
+            work_dir = out.parent / f".{out.name}.losa-work"
+            t0 = time.perf_counter()
+            lres = _run_losa(model, tok, recipe, calib_ids, work_dir, progress)
+            timings["losa_s"] = time.perf_counter() - t0
+            losa_info, masks = dict(lres.manifest), dict(lres.masks)
+            rates = [float(r) for r in (lres.block_rates or losa_info.get("rates") or [S] * L)]
+            ranks = list(lres.block_ranks or losa_info.get("ranks") or [])
+            block_nm = list(getattr(lres, "block_nm", []) or [None] * L)
+            lins = prunable_linears(model, recipe.ignore)
+            for name, mask in masks.items():
+                if name not in lins:
+                    raise RuntimeError(f"LoSA returned a mask for {name}, which is not a prunable linear")
+                bi, lin = lins[name]
+                n_, m_ = block_nm[bi] if block_nm[bi] else (0, 0)
+                target = float(lres.targets.get(name, 1 - n_ / m_ if m_ else rates[bi]))
+                # Verified here again, independently of LoSA's own check: the artefact's contract.
+                linears_out[name] = {"target": target, "realised": check_realised(name, lin.weight.data, mask, target, n_, m_),
+                                     "pattern": f"{n_}:{m_}" if m_ else "unstructured", "block": bi}
+            for i in range(L):
+                b: dict[str, Any] = {"index": i, "rate": rates[i]}
+                if block_nm[i]:
+                    b["n_m"] = f"{block_nm[i][0]}:{block_nm[i][1]}"
+                if ranks:
+                    b["rank"] = int(ranks[i])
+                blocks_out.append(b)
+            alloc_info = {"method": f"{recipe.allocation} ({'LoSA' if recipe.method == 'losa' else recipe.method})"}
+        else:
+            rates, ns, alloc_info = allocate(model, recipe, calib_ids, tune_ids, device, progress)
+            timings["allocation_s"] = alloc_info["seconds"]
+            spec = PruneSpec(recipe.method, recipe.pattern, ns, tuple(recipe.ignore), recipe.blocksize, recipe.percdamp)
+            t0 = time.perf_counter()
+            res = prune_sequential(model, calib_ids, spec, rates, device=device, offload=recipe.offload, progress=progress)
+            timings["prune_s"] = time.perf_counter() - t0
+            timings.update({f"prune_{k}": v for k, v in res.timings.items()})
+            masks = res.masks
+            warnings += res.warnings
+            for name in masks:
+                linears_out[name] = {"target": res.targets[name], "realised": res.realised[name], "pattern": res.patterns[name],
+                                     "block": int(name[len(blocks_name) + 1 :].split(".", 1)[0])}
+            for i in range(L):
+                b = {"index": i, "rate": res.block_rates[i]}
+                if res.block_nm[i] is not None:
+                    b["n_m"] = f"{res.block_nm[i][0]}:{res.block_nm[i][1]}"
+                blocks_out.append(b)
+            if recipe.method == "sparsegpt":
+                retries = {k: v for k, v in res.sparsegpt_info.items() if v.get("damping_retries")}
+                alloc_info["sparsegpt_damping_retries"] = retries
     for b in blocks_out:
         pre = block_prefix(blocks_name, b["index"])
         ws = [(n, d) for n, d in linears_out.items() if n.startswith(pre)]
@@ -385,7 +387,8 @@ def run_compress(
         calibration=({"source": None, "note": "magnitude pruning with these rates reads no data; calibration flags unused"}
                      if calib_ids is None else
                      {"source": recipe.calib_data, "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-                      "seed": recipe.seed, "tokens": int(calib_ids.numel()), "tuning": cal_info["tuning"] or None}),
+                      "seed": recipe.seed, "tokens": int(calib_ids.numel()), "tuning": cal_info["tuning"] or None,
+                      "forward_dtype": str(calib_dtype or next(model.parameters()).dtype).removeprefix("torch.")}),
         timings=timings,
         memory={"peak_rss_mb": peak_rss_mb(),
                 **({"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.device(device).type == "cuda" else {})},
@@ -404,6 +407,21 @@ def run_compress(
     if recipe.method in ADAPTER_METHODS:
         shutil.rmtree(out.parent / f".{out.name}.losa-work", ignore_errors=True)
     return manifest
+
+
+def resolve_calib_dtype(name: str, device: str) -> torch.dtype | None:
+    """The autocast dtype of the calibration block forwards (None: the model's own, float32 by default)."""
+    from .losa.train import bf16_autocast_supported
+
+    if name == "float32":
+        return None
+    native = bf16_autocast_supported(device)
+    if name == "auto":
+        return torch.bfloat16 if native else None
+    if not native:
+        err.print("[yellow]warning:[/yellow] --calib-dtype bfloat16 on hardware without native bf16: emulated, slower than float32",
+                  highlight=False)
+    return torch.bfloat16
 
 
 def prunable_linears_numel(model: Any, weight_name: str) -> int:

@@ -21,6 +21,7 @@ ADAPTER_METHODS = ("losa", "dense-lora")
 ALLOCATIONS = ("uniform", "atp", "owl", "rmi")
 OBJECTIVES = ("lm", "distill")
 MASK_METHODS = ("wanda", "sparsegpt")
+CALIB_DTYPES = ("float32", "bfloat16", "auto")
 DEFAULT_SPARSITY = 0.5
 
 
@@ -48,6 +49,7 @@ class CompressRecipe:
     ignore: list[str] = field(default_factory=list)
     device: str = "cpu"
     dtype: str = "float32"
+    calib_dtype: str = "float32"  # block forwards during calibration: float32 | bfloat16 | auto
     offload: bool = False
     eval_data: str | None = None
     eval_seqlen: int = 2048
@@ -159,6 +161,8 @@ class CompressRecipe:
             raise UserError(f"tune_samples must be >= 1 (got {self.tune_samples})")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"unknown dtype '{self.dtype}': use float32, bfloat16 or float16")
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise UserError(f"unknown --calib-dtype '{self.calib_dtype}': use one of {', '.join(CALIB_DTYPES)}")
         if not 0 < self.percdamp < 1:
             raise UserError(f"percdamp must be in (0, 1) (got {self.percdamp})")
         if self.blocksize < 1:

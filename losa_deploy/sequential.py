@@ -11,8 +11,10 @@ ratios (`collect_outlier_ratios`) are three visitors on that one walk, so a fix 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -37,6 +39,7 @@ __all__ = [
     "collect_outlier_ratios",
     "collect_wanda_stats",
     "RealisedSparsityError",
+    "block_compute",
 ]
 
 
@@ -50,6 +53,38 @@ class RealisedSparsityError(RuntimeError):
 
 # Visitor(index, param-name prefix, block, inputs [n, seq, hidden], block kwargs) -> next inputs or None
 BlockVisitor = Callable[[int, str, nn.Module, Tensor, dict], "Tensor | None"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# arithmetic of the calibration forwards
+# ---------------------------------------------------------------------------------------------------------
+_BLOCK_DTYPE: ContextVar["torch.dtype | None"] = ContextVar("losa_block_dtype", default=None)
+
+
+@contextlib.contextmanager
+def block_compute(dtype: "torch.dtype | None"):
+    """Run every calibration block forward inside this context under autocast to `dtype` (None: as stored).
+
+    Only the block forwards change: weights, masks, statistics (Wanda norms, SparseGPT Hessians) and all
+    pruning math stay float32. On CPUs with native bf16 a block forward takes about half the time.
+    """
+    token = _BLOCK_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _BLOCK_DTYPE.reset(token)
+
+
+def _block_autocast(hidden: Tensor):
+    dtype = _BLOCK_DTYPE.get()
+    if dtype is None or dtype == hidden.dtype:
+        return contextlib.nullcontext()
+    # No weight-cast cache: weights change between the statistics pass and the re-run of the same block.
+    return torch.autocast(hidden.device.type, dtype=dtype, cache_enabled=False)
+
+
+def _no_autocast(x: Tensor):
+    return torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,11 +226,12 @@ def run_block(block: nn.Module, hidden: Tensor, kwargs: dict, out: Tensor | None
     (measured on the embedded model, docs/benchmarks.md)."""
     if out is None:
         out = torch.empty_like(hidden)
-    for i in range(hidden.shape[0]):
-        y = block(hidden[i : i + 1], **kwargs)
-        if isinstance(y, (tuple, list)):
-            y = y[0]
-        out[i] = y[0]
+    with _block_autocast(hidden):
+        for i in range(hidden.shape[0]):
+            y = block(hidden[i : i + 1], **kwargs)
+            if isinstance(y, (tuple, list)):
+                y = y[0]
+            out[i] = y[0]
     return out
 
 
@@ -269,7 +305,10 @@ class _Stats:
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        with _no_autocast(x):  # statistics are float32 even when the block forward is not
+            self._add(x.reshape(-1, x.shape[-1]).float())
+
+    def _add(self, x: Tensor) -> None:
         self.tokens += x.shape[0]
         if self.sq is not None:
             self.sq += (x * x).sum(dim=0)
@@ -324,7 +363,8 @@ def gather_stats(
     out = torch.empty_like(hidden)
     try:
         for i in range(hidden.shape[0]):
-            y = block(hidden[i : i + 1], **kwargs)
+            with _block_autocast(hidden):
+                y = block(hidden[i : i + 1], **kwargs)
             if isinstance(y, (tuple, list)):
                 y = y[0]
             out[i] = y[0]

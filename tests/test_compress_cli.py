@@ -135,6 +135,17 @@ def test_rmi_allocation(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     assert sum(rates) / 4 == pytest.approx(0.7) and all(abs(r - 0.7) <= 0.03 + 1e-9 for r in rates)
 
 
+def test_calib_dtype_bfloat16_is_recorded_and_prunes_exactly(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bf16"
+    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out), "--calib-data", str(text_file),
+                       "--nsamples", "4", "--seqlen", "32", "--method", "sparsegpt", "--sparsity", "0.5",
+                       "--calib-dtype", "bfloat16")
+    assert code == 0, e
+    man = json.loads((out / "losa_manifest.json").read_text())
+    assert man["recipe"]["calib_dtype"] == "bfloat16" and man["calibration"]["forward_dtype"] == "bfloat16"
+    assert all(abs(v["realised"] - 0.5) < 0.02 for v in man["linears"].values())
+
+
 def test_magnitude_reads_no_calibration_data(tiny_dir, tmp_path, monkeypatch, capsys):
     """Magnitude with uniform rates never touches data: the default 'self' calibration is not generated."""
     import losa_deploy.data as data

@@ -14,12 +14,15 @@ from losa_deploy.errors import UserError
 from losa_deploy.model_parts import block_param_counts, find_blocks, find_linears, prunable_linears
 from losa_deploy.recipe import CompressRecipe, PruneSpec
 from losa_deploy.sequential import (
+    block_compute,
     capture_block_inputs,
     check_realised,
     collect_block_grams,
     collect_outlier_ratios,
     collect_wanda_stats,
+    gather_stats,
     prune_sequential,
+    run_block,
     RealisedSparsityError,
 )
 
@@ -115,6 +118,41 @@ def test_wanda_pipeline_equals_direct_computation_blocks_0_and_1():
     direct1 = _direct_wanda_masks(ref, ids, 1, 0.5)
     for k, m in direct1.items():
         assert torch.equal(res.masks[k], m), k
+
+
+def test_bf16_block_forwards_keep_statistics_float32():
+    """--calib-dtype bfloat16 changes the block forwards only: a statistic whose input is computed in float32
+    (q/k/v read the RMSNorm output) is bit-identical, the Hessian is accumulated in float32 (not a bf16 matmul),
+    and the block outputs differ from float32 by bf16 rounding only."""
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    hidden, kwargs = capture_block_inputs(model, _ids(2, 16))
+    blk = blocks[0]
+    lins = find_linears(blk, ())
+    ref, y_ref = gather_stats(blk, lins, hidden, kwargs, need_sq=True, need_h=True)
+    with block_compute(torch.bfloat16):
+        got, y = gather_stats(blk, lins, hidden, kwargs, need_sq=True, need_h=True)
+        y2 = run_block(blk, hidden, kwargs)
+    assert torch.equal(got["self_attn.q_proj"].H, ref["self_attn.q_proj"].H)
+    assert torch.equal(got["self_attn.q_proj"].sq, ref["self_attn.q_proj"].sq)
+    assert got["mlp.down_proj"].H.dtype == torch.float32
+    assert not torch.equal(got["mlp.down_proj"].sq, ref["mlp.down_proj"].sq)  # its input came from bf16 matmuls
+    assert y.dtype == torch.float32 and torch.equal(y, y2)
+    assert not torch.equal(y, y_ref)
+    assert torch.allclose(y, y_ref, rtol=0.05, atol=0.05)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_block_forwards_prune_to_exact_targets():
+    ids = _ids(3, 20)
+    m32, m16 = tiny_model("llama"), tiny_model("llama")
+    r32 = prune_sequential(m32, ids, PruneSpec("wanda", "unstructured"), [0.5] * 4, progress=False)
+    with block_compute(torch.bfloat16):
+        r16 = prune_sequential(m16, ids, PruneSpec("wanda", "unstructured"), [0.5] * 4, progress=False)
+    for k, m in r16.masks.items():
+        assert _row_exact(m, 0.5), k
+    agree = sum(int((r16.masks[k] == r32.masks[k]).sum()) for k in r32.masks) / sum(m.numel() for m in r32.masks.values())
+    assert agree > 0.95  # a few ties flip under bf16 rounding, most of the mask does not
 
 
 def test_magnitude_masks_match_inline_magnitude_and_per_block_rates():
@@ -302,6 +340,7 @@ def test_block_param_counts_and_prunable_names():
         ({"nsamples": 0}, "nsamples"),
         ({"method": "losa", "losa_dropout": 1.0}, r"--lora-dropout must be in \[0, 1\)"),
         ({"method": "losa", "losa_alpha": 0.0}, "--lora-alpha must be > 0"),
+        ({"calib_dtype": "int8"}, "unknown --calib-dtype 'int8'"),
     ],
 )
 def test_recipe_validation(tmp_path, kw, msg):
