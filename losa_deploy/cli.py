@@ -70,8 +70,10 @@ def evaluate(
     losa-deploy evaluate smollm2-135m --task-data piqa=../shared/data/piqa/valid.jsonl --limit 200 --json out.json
     """
     from .atomic import write_json
+    from .cpu_gemm import cpu_gemm, resolve_cpu_gemm
     from .models import load_model
 
+    resolve_cpu_gemm()  # a bad LOSA_DEPLOY_CPU_GEMM fails before the model load
     zs_tasks: dict[str, str | None] = {}
     if tasks or task_data:
         from .evaluation.zeroshot import parse_task_args
@@ -100,8 +102,9 @@ def evaluate(
         from .evaluation.perplexity import evaluate_perplexity
 
         data = data or "wikitext2"
-        res = evaluate_perplexity(m, tok, data, seqlen, max_tokens=max_tokens)
-        d |= {"data": data, **res.to_dict()}
+        with cpu_gemm() as gemm:
+            res = evaluate_perplexity(m, tok, data, seqlen, max_tokens=max_tokens)
+        d |= {"data": data, **res.to_dict(), "cpu_gemm": gemm}
         out.print(
             f"perplexity [bold]{res.perplexity:.4f}[/bold]  (seqlen {res.seqlen}, {res.windows} windows, "
             f"{res.tokens_evaluated} of {res.tokens_total} tokens)"
@@ -114,7 +117,8 @@ def evaluate(
         from .evaluation.zeroshot import evaluate_zeroshot
 
         t0 = time.perf_counter()
-        zs = evaluate_zeroshot(m, tok, zs_tasks, limit=limit, batch_size=batch_size)
+        with cpu_gemm():
+            zs = evaluate_zeroshot(m, tok, zs_tasks, limit=limit, batch_size=batch_size)
         zs["seconds"] = round(time.perf_counter() - t0, 1)
         d["zeroshot"] = zs
 

@@ -237,6 +237,16 @@ def run_compress(
     recipe: CompressRecipe, *, progress: bool = True, command: str | None = None, profile: str | None = None
 ) -> dict[str, Any]:
     """Do the whole `compress` and return the manifest written to `recipe.out`."""
+    from .cpu_gemm import cpu_gemm
+
+    recipe.validate()
+    with cpu_gemm() as gemm:
+        return _run_compress(recipe, progress=progress, command=command, profile=profile, cpu_gemm=gemm)
+
+
+def _run_compress(
+    recipe: CompressRecipe, *, progress: bool, command: str | None, profile: str | None, cpu_gemm: str
+) -> dict[str, Any]:
     from .atomic import atomic_dir
     from .checkpoint import save_checkpoint
     from .data import eval_text
@@ -245,7 +255,6 @@ def run_compress(
     from .models import load_model, resolve_device
     from .sequential import block_compute, check_realised, prune_sequential
 
-    recipe.validate()
     if recipe.method in ADAPTER_METHODS:  # option clashes refused before the model is even loaded
         from .losa.run import validate_losa
 
@@ -388,7 +397,8 @@ def run_compress(
                      if calib_ids is None else
                      {"source": recipe.calib_data, "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
                       "seed": recipe.seed, "tokens": int(calib_ids.numel()), "tuning": cal_info["tuning"] or None,
-                      "forward_dtype": str(calib_dtype or next(model.parameters()).dtype).removeprefix("torch.")}),
+                      "forward_dtype": str(calib_dtype or next(model.parameters()).dtype).removeprefix("torch."),
+                      "cpu_gemm": cpu_gemm if torch.device(device).type == "cpu" else None}),
         timings=timings,
         memory={"peak_rss_mb": peak_rss_mb(),
                 **({"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.device(device).type == "cuda" else {})},

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,6 +145,31 @@ def test_calib_dtype_bfloat16_is_recorded_and_prunes_exactly(tiny_dir, text_file
     man = json.loads((out / "losa_manifest.json").read_text())
     assert man["recipe"]["calib_dtype"] == "bfloat16" and man["calibration"]["forward_dtype"] == "bfloat16"
     assert all(abs(v["realised"] - 0.5) < 0.02 for v in man["linears"].values())
+
+
+def test_cpu_gemm_is_recorded_and_a_bad_setting_refused(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
+    from losa_deploy.cpu_gemm import onednn_usable
+
+    common = ("--model", str(tiny_dir), "--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32",
+              "--method", "sparsegpt", "--sparsity", "0.5")
+    masks = {}
+    for kind in ("default", "auto"):
+        monkeypatch.setenv("LOSA_DEPLOY_CPU_GEMM", kind)
+        out = tmp_path / kind
+        code, o, e = _main(monkeypatch, capsys, *common, "--out", str(out))
+        assert code == 0, e
+        man = json.loads((out / "losa_manifest.json").read_text())
+        want = "default" if kind == "default" or not onednn_usable() else "onednn"
+        assert man["calibration"]["cpu_gemm"] == want
+        assert all(abs(v["realised"] - 0.5) < 0.02 for v in man["linears"].values())
+        masks[kind] = load_file(str(out / "sparsity_masks.safetensors"))
+    # Same kernel family, float32 rounding apart: the masks of a tiny model agree almost everywhere.
+    agree = sum(int((masks["default"][k] == masks["auto"][k]).sum()) for k in masks["default"])
+    total = sum(m.numel() for m in masks["default"].values())
+    assert agree / total > 0.99
+    monkeypatch.setenv("LOSA_DEPLOY_CPU_GEMM", "turbo")
+    code, o, e = _main(monkeypatch, capsys, *common, "--out", str(tmp_path / "bad"))
+    assert code != 0 and "LOSA_DEPLOY_CPU_GEMM" in e and "Traceback" not in e and not (tmp_path / "bad").exists()
 
 
 def test_magnitude_reads_no_calibration_data(tiny_dir, tmp_path, monkeypatch, capsys):

@@ -305,16 +305,20 @@ def accuracy(opts: BenchOptions, dense_spec: str, sparse_dir: Path, notes: list[
                              "max_tokens": opts.ppl_max_tokens, "protocol": "evaluate command (METHODS §5), fp32, cpu"}
     if zs_fn is not None:
         acc["zeroshot"] = {"tasks_requested": tasks, "limit": opts.limit}
+    from ..cpu_gemm import cpu_gemm
+
     for var, spec in (("dense", dense_spec), ("sparse", str(sparse_dir))):
         err.print(f"accuracy: {var} ({spec})")
         model, tok = load_model(spec, dtype="float32", device="cpu")
-        if want_ppl:
-            from ..evaluation.perplexity import evaluate_perplexity
+        with cpu_gemm() as gemm:  # accuracy only: the latency runtimes are measured as shipped
+            acc["cpu_gemm"] = gemm
+            if want_ppl:
+                from ..evaluation.perplexity import evaluate_perplexity
 
-            acc["perplexity"][var] = evaluate_perplexity(model, tok, str(opts.ppl_data), opts.ppl_seqlen,
-                                                         max_tokens=opts.ppl_max_tokens, progress=opts.progress).to_dict()
-        if zs_fn is not None:
-            acc["zeroshot"][var] = zs_fn(model, tok, tasks, opts.limit, progress=opts.progress)
+                acc["perplexity"][var] = evaluate_perplexity(model, tok, str(opts.ppl_data), opts.ppl_seqlen,
+                                                             max_tokens=opts.ppl_max_tokens, progress=opts.progress).to_dict()
+            if zs_fn is not None:
+                acc["zeroshot"][var] = zs_fn(model, tok, tasks, opts.limit, progress=opts.progress)
         del model
     return acc
 
