@@ -70,3 +70,13 @@ def test_gram_matches_inside_and_outside() -> None:
         assert "mkldnn::_linear_pointwise" in _ops(lambda: gram(x))
     torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(g, g.T)
+
+
+def test_machine_rate_probes_report_the_fastest_kernel() -> None:
+    from losa_deploy.bench.bounds import measure_bandwidth, measure_peak_flops
+
+    fl = measure_peak_flops(1, n=128, repeats=1)
+    assert fl["flops_per_s"] == max(fl["by_kernel"].values()) > 0
+    assert "torch.mm" in fl["by_kernel"] and ("onednn" in fl["by_kernel"]) == onednn_usable()
+    bw = measure_bandwidth(nbytes=8 * 2**20, repeats=1, threads=1)
+    assert bw["bytes_per_s"] == max(bw["by_probe"].values()) > 0 and set(bw["by_probe"]) == {"copy", "read"}

@@ -388,7 +388,7 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
     if not opts.skip_latency and runtimes:
         err.print(f"measuring machine peaks ({threads} threads)")
         fl = measure_peak_flops(threads)
-        bw = measure_bandwidth()
+        bw = measure_bandwidth(threads=threads)
         rates = {"flops_per_s": fl["flops_per_s"], "flops_method": fl["method"], "bytes_per_s": bw["bytes_per_s"], "bandwidth_method": bw["method"]}
         rep["machine_rates"] = rates
         cpu_rts = [r for r in runtimes if r not in GPU_RUNTIMES]
