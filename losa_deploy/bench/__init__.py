@@ -307,11 +307,10 @@ def accuracy(opts: BenchOptions, dense_spec: str, sparse_dir: Path, notes: list[
         acc["zeroshot"] = {"tasks_requested": tasks, "limit": opts.limit}
     from ..cpu_gemm import cpu_gemm
 
-    for var, spec in (("dense", dense_spec), ("sparse", str(sparse_dir))):
-        err.print(f"accuracy: {var} ({spec})")
-        model, tok = load_model(spec, dtype="float32", device="cpu")
-        with cpu_gemm() as gemm:  # accuracy only: the latency runtimes are measured as shipped
-            acc["cpu_gemm"] = gemm
+    with cpu_gemm() as acc["cpu_gemm"]:  # accuracy only: the latency runtimes are measured as shipped
+        for var, spec in (("dense", dense_spec), ("sparse", str(sparse_dir))):
+            err.print(f"accuracy: {var} ({spec})")
+            model, tok = load_model(spec, dtype="float32", device="cpu")
             if want_ppl:
                 from ..evaluation.perplexity import evaluate_perplexity
 
@@ -319,7 +318,7 @@ def accuracy(opts: BenchOptions, dense_spec: str, sparse_dir: Path, notes: list[
                                                              max_tokens=opts.ppl_max_tokens, progress=opts.progress).to_dict()
             if zs_fn is not None:
                 acc["zeroshot"][var] = zs_fn(model, tok, tasks, opts.limit, progress=opts.progress)
-        del model
+            del model
     return acc
 
 

@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+from .timing import measure
 
 FP32 = 4
 
@@ -174,6 +176,24 @@ def inventory_from_config(cfg: dict[str, Any], tensors: list[TensorInfo], other_
 
 # ---- measured machine rates -------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[int]:
+    """Run with `threads` torch threads (None: as set), restoring the previous count; yields the count in use."""
+    import torch
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _best_s(fn: Callable[[], Any], repeats: int) -> float:
+    return measure(fn, warmup=1, repeats=repeats).min_s
+
+
 def measure_peak_flops(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, Any]:
     """Best fp32 GEMM rate (FLOP/s) with `threads` threads: an upper bound any dense or sparse kernel can reach.
 
@@ -183,26 +203,14 @@ def measure_peak_flops(threads: int, n: int = 2048, repeats: int = 5) -> dict[st
 
     from ..cpu_gemm import _onednn_linear, onednn_usable
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    rates: dict[str, float] = {}
-    try:
+    with _torch_threads(threads):
         g = torch.Generator().manual_seed(0)
         a = torch.randn(n, n, generator=g)
         b = torch.randn(n, n, generator=g)
         kernels = {"torch.mm": lambda: torch.mm(a, b)}
         if onednn_usable():
             kernels["onednn"] = lambda: _onednn_linear(a, b, None)
-        for name, fn in kernels.items():
-            fn()  # warm-up
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - t0)
-            rates[name] = 2.0 * n**3 / best
-    finally:
-        torch.set_num_threads(old)
+        rates = {name: 2.0 * n**3 / _best_s(fn, repeats) for name, fn in kernels.items()}
     top = max(rates, key=rates.__getitem__)
     return {"flops_per_s": rates[top], "by_kernel": rates,
             "method": f"fp32 {n}x{n} GEMM, {threads} threads, best of {repeats}, fastest of {', '.join(rates)}: {top}"}
@@ -217,32 +225,15 @@ def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5, threads: int 
 
     src = np.ones(nbytes // 8, dtype=np.float64)
     dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault pages in
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    rates = {"copy": 2.0 * src.nbytes / best}
+    rates = {"copy": 2.0 * src.nbytes / _best_s(lambda: np.copyto(dst, src), repeats)}  # warm-up faults pages in
     del dst
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with _torch_threads(threads) as used:
         t = torch.from_numpy(src)
-        t.sum()
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            t.sum()
-            best = min(best, time.perf_counter() - t0)
-        rates["read"] = src.nbytes / best
-    finally:
-        torch.set_num_threads(old)
+        rates["read"] = src.nbytes / _best_s(t.sum, repeats)
     top = max(rates, key=rates.__getitem__)
     return {"bytes_per_s": rates[top], "by_probe": rates,
             "method": f"{src.nbytes >> 20} MiB, best of {repeats}: numpy copyto (read+write) and torch sum "
-                      f"(read, {threads or old} threads); fastest: {top}"}
+                      f"(read, {used} threads); fastest: {top}"}
 
 
 def bounds_for(
