@@ -1,0 +1,56 @@
+/* losa-deploy sparse-cpu kernel library: the contract between the kernels (kernels.c) and the whole-model
+ * executor (executor.c). Signatures here are fixed; the kernels' owner may add fields at the END of sp_matrix
+ * and add functions, never change existing ones.
+ *
+ * Layouts (row-major everywhere):
+ *   weight W [rows = out_features][cols = in_features], y = W x.
+ *   SP_DENSE     values: float or bf16 [rows][cols].
+ *   SP_BITMASK   unstructured: cols split into groups of 16 (the last one zero-padded);
+ *                masks[r * groups + g] has bit b set when W[r][16 g + b] is kept (from the explicit mask file,
+ *                never from W != 0); values holds row r's kept weights in column order starting at
+ *                row_ptr[r] (row_ptr has rows + 1 entries, row_ptr[rows] = number of kept weights).
+ *   SP_NM        N of every M consecutive inputs kept (M in {4, 8}, cols % M == 0): masks as for SP_BITMASK,
+ *                values as for SP_BITMASK; kernels may use the fixed count (row_ptr[r] = r * cols / M * N).
+ * Threads: kernels parallelise over output rows with OpenMP (sp_set_threads); they must not be called from inside
+ * another OpenMP parallel region of the caller.
+ */
+#ifndef LOSA_SPKERNELS_H
+#define LOSA_SPKERNELS_H
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum sp_kind { SP_DENSE = 0, SP_BITMASK = 1, SP_NM = 2 };
+enum sp_dtype { SP_F32 = 0, SP_BF16 = 1 };
+enum sp_isa { SP_ISA_AUTO = -1, SP_ISA_PORTABLE = 0, SP_ISA_AVX2 = 1, SP_ISA_AVX512 = 2 };
+
+typedef struct sp_matrix {
+    int64_t rows, cols;
+    int32_t kind;          /* enum sp_kind */
+    int32_t dtype;         /* enum sp_dtype (values) */
+    int32_t n, m;          /* SP_NM only */
+    const uint16_t *masks; /* SP_BITMASK / SP_NM: [rows][groups], groups = ceil(cols / 16) */
+    const int64_t *row_ptr;/* SP_BITMASK / SP_NM: [rows + 1] */
+    const void *values;    /* see layouts above */
+} sp_matrix;
+
+/* y[rows] = W x[cols]. Returns 0, or a negative code (bad matrix). */
+int sp_gemv(const sp_matrix *w, const float *x, float *y);
+/* Y[t][rows] = sum_k X[t][k] W[r][k] for t < T (X: [T][cols], Y: [T][rows]). Returns 0 or a negative code. */
+int sp_gemm(const sp_matrix *w, const float *x, int64_t t, float *y);
+
+/* Instruction set: SP_ISA_AUTO picks the best the CPU supports (also read from the environment variable
+ * LOSA_SPARSE_ISA=portable|avx2|avx512 at load). Setting one the CPU lacks returns -1 and changes nothing. */
+int sp_set_isa(int isa);
+int sp_get_isa(void);
+int sp_cpu_supports(int isa);
+void sp_set_threads(int n);
+int sp_get_threads(void);
+const char *sp_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
