@@ -1,4 +1,4 @@
-"""Shared pieces of every exporter: read a model directory and its masks, map ONNX initializers back to
+"""Shared pieces of every exporter: read a model directory and its masks (through losa_deploy.artifact), map ONNX initializers back to
 parameters, and check that pruned weights stay zero in the exported file.
 
 Why value-based mapping: the TorchScript exporter folds `x @ W.T` into a MatMul with a transposed constant
@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from losa_deploy.artifact import export_masks, has_manifest
 from losa_deploy.errors import UserError
 
 EXPORT_SCHEMA = "losa-deploy/export"
@@ -55,36 +56,12 @@ def linear_weights(model: Any) -> dict[str, Any]:
 
 
 def load_masks(model_dir: Path, model: Any) -> tuple[dict[str, np.ndarray], str]:
-    """Keep-masks (True = keep) for the block linears: from sparsity_masks.safetensors if present, else W != 0."""
-    weights = linear_weights(model)
-    f = Path(model_dir) / "sparsity_masks.safetensors"
-    masks: dict[str, np.ndarray] = {}
-    source = "weights != 0 (no sparsity_masks.safetensors)"
-    if f.is_file():
-        from safetensors.numpy import load_file
-
-        raw = load_file(str(f))
-        source = "sparsity_masks.safetensors"
-        for k, v in raw.items():
-            if k in weights:
-                if tuple(v.shape) != tuple(weights[k].shape):
-                    raise UserError(f"sparsity_masks.safetensors: mask '{k}' has shape {v.shape}, weight has {tuple(weights[k].shape)}")
-                masks[k] = v.astype(bool)
-    for k, w in weights.items():
-        if k not in masks:
-            masks[k] = w.detach().cpu().numpy() != 0
-    return masks, source
+    """Keep-masks (True = keep) for the block linears, checked against the weights (`artifact.export_masks`)."""
+    return export_masks(model_dir, linear_weights(model))
 
 
 def sparsity(a: np.ndarray) -> float:
     return float(1.0 - np.count_nonzero(a) / a.size) if a.size else 0.0
-
-
-def read_json(p: Path) -> dict | None:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _fingerprint(a: np.ndarray) -> tuple:
@@ -167,7 +144,6 @@ def versions() -> dict[str, str]:
 
 
 def base_manifest(fmt: str, model_dir: Path, mask_source: str) -> dict:
-    src_manifest = read_json(Path(model_dir) / "losa_manifest.json")
     return {"schema": EXPORT_SCHEMA, "version": EXPORT_VERSION, "format": fmt, "source": str(Path(model_dir).resolve()),
-            "source_manifest": bool(src_manifest), "masks_from": mask_source, "versions": versions(),
+            "source_manifest": has_manifest(model_dir), "masks_from": mask_source, "versions": versions(),
             "created_unix": int(time.time())}

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from losa_deploy.atomic import atomic_dir, write_json
+from losa_deploy.artifact import write_export_manifest
+from losa_deploy.atomic import atomic_dir
 from losa_deploy.console import err
 
 from .common import base_manifest, check_model_dir, check_zero_patterns, copy_tokenizer_and_config, load_masks, load_source
@@ -134,7 +135,7 @@ def export_deepsparse(model_dir: str | Path, out_dir: str | Path, *, prefill_len
             "timings": {"trace_s": round(export_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
             "run": f"losa-deploy generate {out} --runtime deepsparse --prompt 'Hello'",
         })
-        write_json(tmp / "export_manifest.json", manifest)
+        write_export_manifest(tmp, manifest)
     return manifest
 
 

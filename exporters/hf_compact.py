@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from losa_deploy.atomic import atomic_dir, write_json
+from losa_deploy.artifact import EXPORT_MANIFEST_NAME, check_masks, weight_files, write_export_manifest
+from losa_deploy.atomic import atomic_dir
 from losa_deploy.errors import UserError
 
 from .common import base_manifest, check_model_dir
@@ -44,16 +45,10 @@ def decompress_tensor(bitmask: np.ndarray, values: np.ndarray, shape: np.ndarray
 
 def _read_state(model_dir: Path) -> dict[str, Any]:
     import torch
-    from safetensors.torch import load_file
 
-    state: dict[str, Any] = {}
-    files = sorted(model_dir.glob("*.safetensors"))
-    files = [f for f in files if f.name not in ("sparsity_masks.safetensors", COMPACT_FILE)]
-    if not files:
-        raise UserError(f"'{model_dir}' has no model *.safetensors to compact")
-    for f in files:
-        state.update(load_file(str(f)))
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    from losa_deploy.artifact import read_weights
+
+    return {k: v for k, v in read_weights(model_dir).items() if isinstance(v, torch.Tensor)}
 
 
 def export_compact(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict:
@@ -66,8 +61,8 @@ def export_compact(model_dir: str | Path, out_dir: str | Path, *, overwrite: boo
         raise UserError(f"output '{out}' already exists; pass --overwrite or choose another --out")
     t0 = time.perf_counter()
     state = _read_state(src)
-    dense_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors")
-                      if f.name not in ("sparsity_masks.safetensors", COMPACT_FILE))
+    check_masks(src, state)  # masks are the contract: refuse weights that left them
+    dense_bytes = sum(f.stat().st_size for f in weight_files(src))
     packed: dict[str, torch.Tensor] = {}
     compressed = []
     for name, t in state.items():
@@ -85,7 +80,7 @@ def export_compact(model_dir: str | Path, out_dir: str | Path, *, overwrite: boo
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(packed, str(tmp / COMPACT_FILE), metadata={"format": "losa-deploy/compact-bitmask", "version": "1"})
         for f in src.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name != "export_manifest.json" \
+            if f.is_file() and f.suffix != ".safetensors" and f.name != EXPORT_MANIFEST_NAME \
                     and not f.name.endswith(".index.json"):
                 shutil.copy2(f, tmp / f.name)
         # round trip check: every tensor restored bit-exactly
@@ -103,7 +98,7 @@ def export_compact(model_dir: str | Path, out_dir: str | Path, *, overwrite: boo
             "load": "from exporters.hf_compact import load_compact; model = load_compact(DIR)",
             "timings": {"total_s": round(time.perf_counter() - t0, 3)},
         })
-        write_json(tmp / "export_manifest.json", man)
+        write_export_manifest(tmp, man)
     return man
 
 

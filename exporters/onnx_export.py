@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from losa_deploy.atomic import atomic_dir, write_json
+from losa_deploy.artifact import write_export_manifest
+from losa_deploy.atomic import atomic_dir
 from losa_deploy.console import err
 from losa_deploy.errors import UserError
 
@@ -134,5 +135,5 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool =
             "timings": {"optimum_export_s": round(export_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
             "note": "DeepSparse 1.8 aborts on this dynamic KV graph; use --format deepsparse for DeepSparse",
         })
-        write_json(tmp / "export_manifest.json", man)
+        write_export_manifest(tmp, man)
     return man

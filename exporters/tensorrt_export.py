@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from losa_deploy.atomic import atomic_dir, write_json
+from losa_deploy.artifact import write_export_manifest
+from losa_deploy.atomic import atomic_dir
 from losa_deploy.console import err
 from losa_deploy.errors import UserError
 
@@ -166,7 +167,7 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, *, force_2of4: b
             "two_four": report, "forced_2of4": forced, "trtexec": cmd, "verification": verification,
             "timings": {"trace_s": round(trace_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
         })
-        write_json(tmp / "export_manifest.json", man)
+        write_export_manifest(tmp, man)
         (tmp / "build_engine.sh").write_text("#!/bin/sh\nset -e\n" + cmd + "\n")
     return man
 

@@ -11,8 +11,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 
-def write_with(path: str | os.PathLike, write: Callable[[BinaryIO], None], mode: int = 0o644) -> Path:
-    """Write `path` atomically through `write(binary_file)` (text, JSON, torch.save): temp file, fsync, rename."""
+def file_mode(directory: bool = False) -> int:
+    """The mode a plain `open()` (or `mkdir`) would give: 0666 (0777) less the umask; mkstemp's 0600 is not meant."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def write_with(path: str | os.PathLike, write: Callable[[BinaryIO], None], mode: int | None = None) -> Path:
+    """Write `path` atomically through `write(binary_file)` (text, JSON, torch.save): temp file, fsync, rename.
+
+    The file gets `mode`, by default the usual one (0644 under umask 022), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -21,7 +30,7 @@ def write_with(path: str | os.PathLike, write: Callable[[BinaryIO], None], mode:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, file_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -57,17 +66,21 @@ def _json_default(o: Any) -> Any:
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `final`, on failure it is removed.
 
-    An interrupted run (Ctrl-C, crash) therefore never leaves a directory at `final` that looks complete,
-    and an existing `final` is only replaced once the new one is whole.
+    An interrupted run (Ctrl-C, SIGTERM, crash) therefore never leaves a directory at `final` that looks complete,
+    and an existing `final` is only replaced once the new one is whole. What a killed run (SIGKILL) left beside
+    `final` is removed here, with a note (`artifact.remove_stale_partials`).
     """
+    from .artifact import partial_prefix, remove_stale_partials
+
     final = Path(final)
     if final.exists() and not overwrite:
         from .errors import UserError
 
         raise UserError(f"output '{final}' already exists; pass --overwrite or choose another --out")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    os.chmod(tmp, 0o755)
+    remove_stale_partials(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{partial_prefix(final)}{os.getpid()}-", dir=final.parent))
+    os.chmod(tmp, file_mode(directory=True))
     try:
         yield tmp
     except BaseException:

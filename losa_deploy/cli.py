@@ -97,6 +97,7 @@ def evaluate(
             if path is not None:
                 LOCAL_TASKS[name][0](path, 1)
     m, tok = load_model(model, dtype=dtype, device=device)
+    _check_masks_of(model, m)
     d: dict = {"model": model}
     if do_ppl:
         from .evaluation.perplexity import evaluate_perplexity
@@ -134,6 +135,16 @@ def evaluate(
         write_json(json_path, d)
 
 
+def _check_masks_of(spec: str, model: object) -> None:
+    """A local checkpoint's weights must agree with its sparsity_masks.safetensors (aliases and GGUF files are dense
+    sources with no masks to check)."""
+    from .artifact import check_masks, named_weights
+
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        check_masks(p, named_weights(model))
+
+
 @profiles_app.command("list")
 def profiles_list() -> None:
     """List the known profiles."""
@@ -165,6 +176,9 @@ _register()
 
 
 def main() -> None:
+    from .errors import environment_error, install_signal_handlers
+
+    install_signal_handlers()
     try:
         app()
     except UserError as e:
@@ -172,14 +186,38 @@ def main() -> None:
             raise
         err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]; nothing half-written was left behind")
-        sys.exit(130)
+    except SystemExit as e:  # Typer turns Ctrl-C (and so SIGTERM / SIGHUP, see errors.Interrupted) into exit 130
+        ki = _interrupt_cause(e)
+        if ki is None:
+            raise
+        _interrupted(ki)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     except Exception as e:  # a bug, not a user mistake: still one line unless --debug
+        env = environment_error(e)
+        if env is not None and not _state["debug"]:
+            err.print(f"[bold red]error:[/bold red] {env}", highlight=False, soft_wrap=True)
+            sys.exit(env.exit_code)
         if _state["debug"] or "--debug" in sys.argv:
             raise
         err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def _interrupt_cause(e: BaseException) -> KeyboardInterrupt | None:
+    seen: BaseException | None = e
+    while seen is not None and not isinstance(seen, KeyboardInterrupt):
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
+def _interrupted(e: KeyboardInterrupt) -> None:
+    """One line, exit 130 (SIGINT) or 128 + signal; `e.hint` (set by compress) says what was kept."""
+    from .errors import interrupt_exit_code
+
+    hint = getattr(e, "hint", None) or "partial output removed"
+    err.print(f"[yellow]interrupted[/yellow] ({str(e) or 'SIGINT'}): {hint}", highlight=False, soft_wrap=True)
+    sys.exit(interrupt_exit_code(e))
 
 
 if __name__ == "__main__":

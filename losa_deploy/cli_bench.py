@@ -17,6 +17,7 @@ def bench(
     sparse_dir: Optional[Path] = typer.Argument(None, help="The compressed model directory (output of 'compress'; 'export' output reused)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The dense model it came from: directory or alias (smollm2-135m)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report directory (default: <SPARSE_DIR>/bench)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the report in an existing --out (its cached exports are reused)."),
     runtimes: Optional[str] = typer.Option(None, "--runtimes", help="Comma list of torch,onnxruntime,deepsparse,torch-cuda,torch-2of4. "
                                            "Default: all installed (missing ones skipped with a note); a requested missing one is an error."),
     prompt_lens: str = typer.Option("128,512", "--prompt-lens", help="Prefill prompt lengths (tokens)."),
@@ -71,7 +72,7 @@ def bench(
         ppl_data=ppl_data, ppl_seqlen=ppl_seqlen, ppl_max_tokens=ppl_max_tokens,
         task_data=B.parse_tasks(tasks, task_data), limit=limit,
         shapes=shapes, blocks=blocks, sparsity=sparsity, skip_model_latency=shapes_only,
-        skip_accuracy=skip_accuracy, skip_latency=skip_latency, seed=seed, command=sys.argv,
+        skip_accuracy=skip_accuracy, skip_latency=skip_latency, seed=seed, command=sys.argv, overwrite=overwrite,
     )
     if shapes_only and not shapes:
         raise UserError("--shapes-only needs --shapes llama-2-7b")

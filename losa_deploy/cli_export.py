@@ -38,13 +38,22 @@ def export(
 
       losa-deploy export runs/sparse70 --format hf
     """
+    from .artifact import EXPORT_MANIFEST_NAME
+
     fmt = fmt.lower().strip()
     if fmt not in FORMATS:
         raise UserError(f"unknown --format '{fmt}': use one of {', '.join(FORMATS)}")
     from exporters.common import check_model_dir
 
+    from .artifact import check_output_room, checkpoint_bytes, remove_stale_partials
+
     src = check_model_dir(model_dir)
     dest = out_dir if out_dir is not None else src / fmt
+    if dest.exists() and not overwrite:
+        raise UserError(f"output '{dest}' already exists; pass --overwrite or choose another --out")
+    remove_stale_partials(dest)
+    # Before the model is loaded: the export holds about the weights once more (fp16 for tensorrt).
+    check_output_room(dest, checkpoint_bytes(src, 2 if fmt == "tensorrt" else 4) + 16 * 2**20)
     t = time.perf_counter()
     if fmt == "onnx":
         from exporters.onnx_export import export_onnx
@@ -81,7 +90,7 @@ def export(
         s = man["sizes"]
         out.print(f"compact copy: {s['compact_bytes'] / 1e6:.1f} MB vs dense {s['dense_bytes'] / 1e6:.1f} MB "
                   f"({s['ratio'] * 100:.1f}%); round trip exact: {man['verification']['round_trip_exact']}")
-    out.print(f"wrote {dest} in {time.perf_counter() - t:.1f} s (manifest: {dest / 'export_manifest.json'})")
+    out.print(f"wrote {dest} in {time.perf_counter() - t:.1f} s (manifest: {dest / EXPORT_MANIFEST_NAME})")
 
 
 @app.command()
@@ -99,10 +108,9 @@ def generate(
 
     Example: losa-deploy generate runs/sparse70 --runtime deepsparse --prompt "The capital of France is"
     """
-    import json
-
     from transformers import AutoTokenizer
 
+    from .artifact import check_masks, read_export_manifest
     from .runners import RUNTIMES, generate as run_generate, make_runner, resolve_hf_dir, resolve_onnx_dir
 
     if runtime not in RUNTIMES:
@@ -113,12 +121,13 @@ def generate(
     pl, ml = prefill_len, max_len
     if runtime in ("onnxruntime", "deepsparse"):
         d = resolve_onnx_dir(p)
-        eng = json.loads((d / "export_manifest.json").read_text()).get("engines", {})
+        eng = read_export_manifest(d).get("engines", {})
         pl = pl or eng.get("prefill", {}).get("seq", 128)
         ml = ml or eng.get("max_len", 512)
         tok_dir = d
     else:
         tok_dir = resolve_hf_dir(p)
+        check_masks(tok_dir)  # the checkpoint the torch runner loads must agree with its masks
     pl, ml = pl or 128, ml or 512
     try:
         tok = AutoTokenizer.from_pretrained(str(tok_dir))

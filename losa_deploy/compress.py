@@ -247,11 +247,11 @@ def run_compress(
 def _run_compress(
     recipe: CompressRecipe, *, progress: bool, command: str | None, profile: str | None, cpu_gemm: str
 ) -> dict[str, Any]:
+    from .artifact import remove_stale_partials, save_checkpoint, work_dir as losa_work_dir, write_manifest
     from .atomic import atomic_dir
-    from .checkpoint import save_checkpoint
     from .data import eval_text
     from .evaluation.perplexity import perplexity, tokenize_eval_text
-    from .manifest import build_manifest, write_manifest
+    from .manifest import build_manifest
     from .models import load_model, resolve_device
     from .sequential import block_compute, check_realised, prune_sequential
 
@@ -264,6 +264,8 @@ def _run_compress(
     out = Path(recipe.out).expanduser()
     device = resolve_device(recipe.device)
     calib_dtype = resolve_calib_dtype(recipe.calib_dtype, device)
+    remove_stale_partials(out)
+    check_room(recipe, out)
 
     t0 = time.perf_counter()
     model, tok = load_model(recipe.model, dtype=recipe.dtype, device="cpu" if recipe.offload else device)
@@ -320,9 +322,16 @@ def _run_compress(
     alloc_info: dict[str, Any] = {}
     with block_compute(calib_dtype):
         if recipe.method in ADAPTER_METHODS:
-            work_dir = out.parent / f".{out.name}.losa-work"
+            work_dir = losa_work_dir(out)
             t0 = time.perf_counter()
-            lres = _run_losa(model, tok, recipe, calib_ids, work_dir, progress)
+            try:
+                lres = _run_losa(model, tok, recipe, calib_ids, work_dir, progress)
+            except KeyboardInterrupt as e:  # the work state stays for --resume; say so in the one-line message
+                from .losa.state import STATE_FILE
+
+                if recipe.method == "losa" and (work_dir / STATE_FILE).is_file():
+                    e.hint = f"LoSA state of the last finished step kept in {work_dir}; rerun with --resume"  # type: ignore[attr-defined]
+                raise
             timings["losa_s"] = time.perf_counter() - t0
             losa_info, masks = dict(lres.manifest), dict(lres.masks)
             rates = [float(r) for r in (lres.block_rates or losa_info.get("rates") or [S] * L)]
@@ -411,12 +420,29 @@ def _run_compress(
         save_checkpoint(tmp, model, tok, masks)
         write_manifest(tmp, manifest)
         for fname in (losa_info or {}).get("files", []):  # e.g. losa_schedule.png, written into the work dir
-            src = out.parent / f".{out.name}.losa-work" / fname
+            src = losa_work_dir(out) / fname
             if src.is_file():
                 shutil.copy2(src, tmp / fname)
     if recipe.method in ADAPTER_METHODS:
-        shutil.rmtree(out.parent / f".{out.name}.losa-work", ignore_errors=True)
+        shutil.rmtree(losa_work_dir(out), ignore_errors=True)
     return manifest
+
+
+def check_room(recipe: CompressRecipe, out: Path) -> None:
+    """Before the model is loaded: `out` writable, and about enough free space for the checkpoint it will hold
+    (weights at --dtype, one mask byte per weight, and for LoSA its step checkpoint beside it)."""
+    from .artifact import check_output_room, checkpoint_bytes
+    from .models import resolve_model
+
+    src = resolve_model(recipe.model)
+    need = 0
+    if src.is_local:
+        value_bytes = 4 if recipe.dtype == "float32" else 2
+        params = checkpoint_bytes(src.path, 1)
+        need = params * (value_bytes + 1) + 16 * 2**20  # + tokenizer and config, generously
+        if recipe.method in ADAPTER_METHODS:
+            need += params * 9  # losa_state.pt: fp32 base weights, masks, adapters and their optimiser state
+    check_output_room(out, need)
 
 
 def resolve_calib_dtype(name: str, device: str) -> torch.dtype | None:

@@ -1,4 +1,4 @@
-"""The `compress` manifest (`losa_manifest.json`): the versioned contract that `export` and `bench` read.
+"""The `compress` manifest (`losa_manifest.json`): the versioned schema that `export` and `bench` read.
 
 Schema `losa-deploy/compress`, version 1: recipe, per-block rates (N of M for mixed, rank for LoSA), per-linear
 target/realised sparsity and pattern, calibration, library versions, timings, peak memory, eval before/after.
@@ -6,15 +6,13 @@ target/realised sparsity and pattern, calibration, library versions, timings, pe
 
 from __future__ import annotations
 
-import json
 import platform
-from pathlib import Path
 from typing import Any
 
-from .atomic import write_json
+# Reading and writing the file is the artifact module's job; these names stay importable from here.
+from .artifact import MANIFEST_NAME, has_manifest, read_manifest, write_manifest  # noqa: F401
 from .errors import UserError
 
-MANIFEST_NAME = "losa_manifest.json"
 SCHEMA = "losa-deploy/compress"
 VERSION = 1
 REQUIRED = ("schema", "version", "recipe", "blocks", "linears")
@@ -56,25 +54,3 @@ def validate_manifest(man: Any, where: str) -> None:
         raise UserError(f"{where}: manifest version {man['version']} is newer than this losa-deploy understands ({VERSION}); upgrade losa-deploy")
     if not isinstance(man["blocks"], list) or not isinstance(man["linears"], dict):
         raise UserError(f"{where}: manifest 'blocks' must be a list and 'linears' an object; re-run compress")
-
-
-def write_manifest(directory: str | Path, man: dict[str, Any]) -> Path:
-    validate_manifest(man, where=str(directory))
-    return write_json(Path(directory) / MANIFEST_NAME, man)
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The manifest of a compress output directory; UserError if missing, unreadable or of an unknown schema."""
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(f"'{directory}' has no {MANIFEST_NAME}: not a losa-deploy compress output")
-    try:
-        man = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({e}); re-run compress")
-    validate_manifest(man, where=str(path))
-    return man
-
-
-def has_manifest(directory: str | Path) -> bool:
-    return (Path(directory) / MANIFEST_NAME).is_file()

@@ -23,6 +23,18 @@ OBJECTIVES = ("lm", "distill")
 MASK_METHODS = ("wanda", "sparsegpt")
 CALIB_DTYPES = ("float32", "bfloat16", "auto")
 DEFAULT_SPARSITY = 0.5
+# Field -> the key a profile writes (the flag without its dashes), where the two differ. Messages use these names.
+USER_KEYS = {
+    "losa_steps": "steps", "losa_rank_min": "rank_start", "losa_rank_max": "rank_end", "losa_rank_cap": "rank_cap",
+    "losa_train_data": "train_data", "losa_train_samples": "train_samples", "losa_train_seqlen": "train_seqlen",
+    "losa_objective": "objective", "losa_mask_method": "mask_method", "losa_alpha": "lora_alpha",
+    "losa_dropout": "dropout", "losa_lr": "lr", "losa_batch_size": "batch_size", "losa_uniform_ranks": "uniform_ranks",
+}
+
+
+def user_key(field_name: str) -> str:
+    """The name a user writes for a recipe field (profile key; the flag is it with dashes)."""
+    return USER_KEYS.get(field_name, field_name)
 
 
 @dataclass
@@ -91,19 +103,18 @@ class CompressRecipe:
     def from_settings(cls, settings: dict[str, Any]) -> "CompressRecipe":
         """Build from merged profile+CLI settings (profile keys may use dashes); unknown keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
-        aliases = {
-            "steps": "losa_steps", "rank_start": "losa_rank_min", "rank_end": "losa_rank_max",
-            "rank_cap": "losa_rank_cap", "train_data": "losa_train_data", "train_samples": "losa_train_samples",
-            "train_seqlen": "losa_train_seqlen", "objective": "losa_objective", "mask_method": "losa_mask_method",
-            "lora_alpha": "losa_alpha", "alpha": "losa_alpha", "dropout": "losa_dropout", "lr": "losa_lr",
-            "batch_size": "losa_batch_size", "uniform_ranks": "losa_uniform_ranks",
-        }
+        aliases = {user: f for f, user in USER_KEYS.items()} | {"alpha": "losa_alpha", "lora_dropout": "losa_dropout"}
         kw: dict[str, Any] = {}
         for k, v in settings.items():
             key = k.replace("-", "_")
             key = aliases.get(key, key)
             if key not in names:
-                raise UserError(f"unknown compress setting '{k}' (in the profile or flags); known: {', '.join(sorted(names))}")
+                import difflib
+
+                known = sorted(user_key(n) for n in names)
+                close = difflib.get_close_matches(k.replace("-", "_"), known, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise UserError(f"unknown compress setting '{k}' (in the profile or flags); {hint}known: {', '.join(known)}")
             kw[key] = v
         if "ignore" in kw and isinstance(kw["ignore"], str):
             kw["ignore"] = [kw["ignore"]]
@@ -142,7 +153,7 @@ class CompressRecipe:
         if isinstance(self.atp_beta, float) and not self.atp_beta > 0:
             raise UserError(f"--atp-beta must be > 0 (got {self.atp_beta})")
         if self.atp_grid < 2:
-            raise UserError(f"the ATP grid needs at least 2 values (got {self.atp_grid})")
+            raise UserError(f"atp_grid must be >= 2: the ATP grid needs at least 2 values (got {self.atp_grid})")
         if not self.owl_m > 0:
             raise UserError(f"--owl-m must be > 0 (got {self.owl_m})")
         if not 0 <= self.owl_lambda < 1:
@@ -160,7 +171,7 @@ class CompressRecipe:
         if self.tune_samples < 1:
             raise UserError(f"tune_samples must be >= 1 (got {self.tune_samples})")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"unknown dtype '{self.dtype}': use float32, bfloat16 or float16")
+            raise UserError(f"unknown --dtype '{self.dtype}': use float32, bfloat16 or float16")
         if self.calib_dtype not in CALIB_DTYPES:
             raise UserError(f"unknown --calib-dtype '{self.calib_dtype}': use one of {', '.join(CALIB_DTYPES)}")
         if not 0 < self.percdamp < 1:
@@ -168,7 +179,7 @@ class CompressRecipe:
         if self.blocksize < 1:
             raise UserError(f"blocksize must be >= 1 (got {self.blocksize})")
         for name in ("calib_data", "eval_data", "tune_data", "losa_train_data"):
-            _check_data_path(getattr(self, name), "--" + name.replace("_", "-").replace("losa-", ""))
+            check_data_path(getattr(self, name), "--" + name.replace("_", "-").replace("losa-", ""))
         if self.method in ADAPTER_METHODS:
             if self.method == "dense-lora" and self.resume:
                 raise UserError("--resume applies to --method losa only: a dense-lora run is one shot, start it again")
@@ -182,11 +193,11 @@ class CompressRecipe:
                     f"ranks must satisfy 1 <= --rank-start ({self.losa_rank_min}) <= --rank-end ({self.losa_rank_max}) <= --rank-cap ({self.losa_rank_cap})"
                 )
             if self.losa_objective not in OBJECTIVES:
-                raise UserError(f"unknown objective '{self.losa_objective}': use one of {', '.join(OBJECTIVES)}")
+                raise UserError(f"unknown --objective '{self.losa_objective}': use one of {', '.join(OBJECTIVES)}")
             if self.losa_mask_method not in MASK_METHODS:
-                raise UserError(f"unknown mask method '{self.losa_mask_method}': use one of {', '.join(MASK_METHODS)}")
+                raise UserError(f"unknown --mask-method '{self.losa_mask_method}': use one of {', '.join(MASK_METHODS)}")
             if self.losa_train_samples < 1 or self.losa_train_seqlen <= 1 or self.losa_batch_size < 1:
-                raise UserError("--train-samples, train seqlen and batch size must be positive")
+                raise UserError("--train-samples, --train-seqlen and --batch-size must be positive")
             if not 0.0 <= self.losa_dropout < 1.0:
                 raise UserError(f"--lora-dropout must be in [0, 1) (got {self.losa_dropout})")
             if not self.losa_alpha > 0:
@@ -198,7 +209,7 @@ class CompressRecipe:
             raise UserError(f"output '{out}' exists and is not a directory")
 
 
-def _check_data_path(spec: str | None, flag: str) -> None:
+def check_data_path(spec: str | None, flag: str) -> None:
     from .data import DATASETS, SELF, TEXT_SUFFIXES
 
     if spec is None or spec == SELF or spec.split(":", 1)[0] in DATASETS:

@@ -14,7 +14,6 @@ validity vector (the attention_mask) masks slots that never held a real token (D
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .artifact import read_export_manifest
 from .errors import UserError
 
 RUNTIMES = ("torch", "onnxruntime", "deepsparse", "torch-2of4")
@@ -254,17 +254,10 @@ def swap_2of4(model: Any, min_dim: int = 64) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ factory
-def _read_json(p: Path) -> dict:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def resolve_onnx_dir(path: Path) -> Path:
     """The deepsparse-format export for `path`: the export dir itself, or `<model dir>/deepsparse`."""
     for cand in (path, path / "deepsparse"):
-        if (cand / "model.onnx").is_file() and _read_json(cand / "export_manifest.json").get("format") == "deepsparse":
+        if (cand / "model.onnx").is_file() and read_export_manifest(cand).get("format") == "deepsparse":
             return cand
     raise UserError(
         f"'{path}' has no deepsparse-format export (model.onnx + export_manifest.json); "
@@ -277,7 +270,7 @@ def resolve_hf_dir(path: Path) -> Path:
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     if (path / "config.json").is_file() and has_weights:
         return path
-    src = _read_json(path / "export_manifest.json").get("source")
+    src = read_export_manifest(path).get("source")
     if src and Path(src).is_dir():
         return Path(src)
     raise UserError(f"'{path}' is not a Hugging Face model directory (config.json + *.safetensors)")
@@ -301,7 +294,7 @@ def make_runner(path: str | os.PathLike, runtime: str, *, prefill_len: int = 128
 
         d = resolve_onnx_dir(p)
         cfg = AutoConfig.from_pretrained(str(d))
-        man = _read_json(d / "export_manifest.json")
+        man = read_export_manifest(d)
         table = man.get("rotary_table_len")
         if table and max_len > table:
             raise UserError(f"max_len={max_len} exceeds the export's position table ({table}); re-export with --max-len {max_len}")

@@ -30,7 +30,7 @@ fi
 echo "== 3/3 bench: sparse vs dense on every installed CPU runtime, plus WikiText-2 perplexity"
 # Shorter than bench's defaults (prompts 128 and 512, 64 decode tokens, 2 warm-ups, 5 repeats) to keep the demo
 # under 30 minutes; docs/benchmarks.md has the full runs.
-$LD bench "$SPARSE" --baseline smollm2-135m --out "$OUT/bench" \
+$LD bench "$SPARSE" --baseline smollm2-135m --out "$OUT/bench" --overwrite \
   --prompt-lens 128 --decode-past 256 --decode-tokens 32 --warmup 1 --repeats 3 \
   --ppl-data "$WIKI" --ppl-seqlen 2048 --ppl-max-tokens 20480
 

@@ -236,7 +236,7 @@ def test_existing_output_needs_overwrite(tiny_dir, tmp_path, monkeypatch, capsys
 
 
 def test_interrupted_run_leaves_nothing_complete_looking(tiny_dir, text_file, tmp_path, monkeypatch):
-    import losa_deploy.checkpoint as ck
+    import losa_deploy.artifact as ck
     from losa_deploy.compress import run_compress
     from losa_deploy.recipe import CompressRecipe
 

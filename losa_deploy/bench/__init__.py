@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..artifact import has_export_manifest
 from ..errors import UserError
 
 CPU_RUNTIMES = ("torch", "onnxruntime", "deepsparse")
@@ -57,6 +58,7 @@ class BenchOptions:
     seed: int = 0
     command: Sequence[str] | None = None
     progress: bool = True
+    overwrite: bool = False  # replace the report files of an existing --out (its cached exports are reused)
 
 
 # ---- validation -------------------------------------------------------------------------------------------------
@@ -163,11 +165,11 @@ def block_sparsity(path: Path, inv: Any) -> list[float]:
     """Per-block sparsity of the block linears: from the compress manifest's rates if present, else counted."""
     import re
 
-    man = path / "losa_manifest.json"
-    if man.is_file():
-        blocks = json.loads(man.read_text()).get("blocks") or []
-        if blocks and all("rate" in b for b in blocks):
-            return [float(b["rate"]) for b in sorted(blocks, key=lambda b: b.get("index", 0))]
+    from ..artifact import block_rates
+
+    rates = block_rates(path)
+    if rates is not None:
+        return rates
     per: dict[int, list[int]] = {}
     for t in inv.tensors:
         m = re.search(r"\.(\d+)\.", t.name)
@@ -192,7 +194,7 @@ def ensure_deepsparse_export(model_dir: Path, cache: Path, *, max_len: int, thre
     One model.onnx serves every shape (the runners fix prefill length and total length at load time), so the export
     is done once per model and reused by later runs."""
     for cand in (model_dir / "deepsparse", cache):
-        if (cand / "export_manifest.json").is_file() and (cand / "model.onnx").is_file():
+        if has_export_manifest(cand) and (cand / "model.onnx").is_file():
             return cand
     try:
         from exporters.deepsparse_export import export_deepsparse
@@ -325,9 +327,43 @@ def accuracy(opts: BenchOptions, dense_spec: str, sparse_dir: Path, notes: list[
 # ---- main entry -------------------------------------------------------------------------------------------------
 
 def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Measure, write `<out>/report.json|md`, `plots/`; returns (report, written paths)."""
+    """Measure, write `<out>/report.json|md`, `plots/`; returns (report, written paths).
+
+    A failed or interrupted run removes the --out folder it created (nothing that looks like a report is left)."""
+    out_dir = Path(opts.out).expanduser()
+    created = not out_dir.exists()
+    try:
+        return _run_bench(opts)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def check_inputs(opts: BenchOptions) -> None:
+    """Inputs that a typo can break and that are read late (task files, perplexity text, --out): checked before any
+    model is loaded, so the mistake costs a second, not a dense model's scoring."""
+    from ..artifact import check_output_room
+    from ..recipe import check_data_path
+    from ..tasks.loaders import LOCAL_TASKS
+
+    out = Path(opts.out).expanduser()
+    if out.exists() and not opts.overwrite:
+        raise UserError(f"output '{out}' already exists; pass --overwrite or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output '{out}' exists and is not a directory")
+    if not opts.skip_accuracy:
+        for name, path in opts.task_data.items():
+            if path is not None:
+                LOCAL_TASKS[name][0](path, opts.limit)
+        check_data_path(opts.ppl_data, "--ppl-data")
+    check_output_room(out, 16 * 2**20)
+
+
+def _run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
     import torch
 
+    from ..artifact import check_masks
     from ..console import err, out
     from ..models import resolve_model
     from .bounds import inventory_from_dir, measure_bandwidth, measure_peak_flops
@@ -343,6 +379,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
         raise UserError(f"SPARSE_DIR '{sparse_dir}' is not a model directory (expected config.json): pass the output of 'compress'")
     if not opts.baseline:
         raise UserError("--baseline is required: the dense model the sparse one came from (directory or alias, e.g. smollm2-135m)")
+    check_inputs(opts)
+    check_masks(sparse_dir)  # masks are the contract: a sparse model whose weights left them is refused
     src = resolve_model(opts.baseline)
     if not src.is_local:
         raise UserError(f"--baseline '{opts.baseline}' must be a local directory or alias (bench exports it, which needs its files)")

@@ -138,10 +138,11 @@ def inventory_from_dir(model_dir: str | Path) -> WeightInventory:
     """Read every weight of an HF checkpoint (safetensors) once and count its non-zeros."""
     from safetensors import safe_open
 
+    from ..artifact import weight_files
+
     d = Path(model_dir)
     cfg = json.loads((d / "config.json").read_text())
-    files = sorted(d.glob("*.safetensors"))
-    files = [f for f in files if f.name != "sparsity_masks.safetensors"]
+    files = weight_files(d)
     if not files:
         from ..errors import UserError
 

@@ -57,15 +57,14 @@ def linear_rates_from_model(sparse_dir: str | Path) -> dict[str, float]:
 
     From the compress manifest's realised sparsity when there is one, else counted from the weights (W == 0).
     """
+    from ..artifact import prunable_weights
+
     d = Path(sparse_dir)
     per: dict[str, list[float]] = defaultdict(list)
-    man = d / "losa_manifest.json"
-    if man.is_file():
-        lin = json.loads(man.read_text()).get("linears", {})
-        for name, info in lin.items():
-            kind = _kind(name)
-            if kind and info.get("realised") is not None:
-                per[kind].append(float(info["realised"]))
+    for name, info in prunable_weights(d).items():
+        kind = _kind(name)
+        if kind and info.get("realised") is not None:
+            per[kind].append(float(info["realised"]))
     if not per:
         from .bounds import inventory_from_dir
 
@@ -114,8 +113,8 @@ def build_shape_pair(
     Reuses an existing pair built with the same settings. Returns a description for the report.
     """
     import torch
-    from safetensors.torch import save_file
 
+    from ..artifact import save_masks
     from ..atomic import atomic_dir, write_json
     from ..pruning.masks import unstructured_row_mask
 
@@ -175,7 +174,7 @@ def build_shape_pair(
     with atomic_dir(out / "sparse", overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        save_file(masks, str(tmp / "sparsity_masks.safetensors"))
+        save_masks(tmp, masks)
     del model
     info = {"settings": desc, "realised": realised, "dense_dir": str(out / "dense"), "sparse_dir": str(out / "sparse")}
     write_json(marker, info)

@@ -103,9 +103,9 @@ def validate_losa(recipe: Any, model: nn.Module | None = None) -> None:
             f"--rank-start ({recipe.losa_rank_min}) and --rank-end ({recipe.losa_rank_max}) must lie in [1, --rank-cap {recipe.losa_rank_cap}]"
         )
     if recipe.losa_objective not in ("lm", "distill"):
-        raise UserError(f"unknown objective '{recipe.losa_objective}': use lm or distill")
+        raise UserError(f"unknown --objective '{recipe.losa_objective}': use lm or distill")
     if recipe.losa_mask_method not in ("wanda", "sparsegpt"):
-        raise UserError(f"unknown LoSA mask method '{recipe.losa_mask_method}': use wanda or sparsegpt")
+        raise UserError(f"unknown --mask-method '{recipe.losa_mask_method}': use wanda or sparsegpt")
     if recipe.allocation not in LOSA_ALLOCATIONS:
         raise UserError(f"--method {method} allocates with rmi, atp or uniform, not '{recipe.allocation}'")
     if recipe.allocation == "atp" and not isinstance(recipe.atp_beta, float):
@@ -114,7 +114,7 @@ def validate_losa(recipe: Any, model: nn.Module | None = None) -> None:
     if not recipe.losa_lr > 0:
         raise UserError(f"--lr must be > 0 (got {recipe.losa_lr})")
     if not 0 <= recipe.losa_dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1) (got {recipe.losa_dropout})")
+        raise UserError(f"--lora-dropout must be in [0, 1) (got {recipe.losa_dropout})")
     if method != "dense-lora" and recipe.losa_train_samples < recipe.losa_steps:
         raise UserError(f"--train-samples ({recipe.losa_train_samples}) must be at least --steps ({recipe.losa_steps}): every step trains on its own slice")
     pattern_parts(recipe.pattern)

@@ -53,7 +53,7 @@ def save_state(work_dir: Path, state: dict[str, Any]) -> Path:
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     final = work_dir / STATE_FILE
-    return write_with(final, lambda f: torch.save(state, f), mode=0o600)
+    return write_with(final, lambda f: torch.save(state, f))
 
 
 def load_state(work_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
@@ -67,7 +67,9 @@ def load_state(work_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | 
         raise UserError(f"--resume: cannot read LoSA checkpoint {path} ({type(e).__name__}); delete it to start over")
     old = state.get("fingerprint", {})
     if old != fingerprint:
-        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        from ..recipe import user_key
+
+        diff = sorted(user_key(k) for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         raise UserError(
             f"--resume: {path.parent} holds a LoSA run with a different recipe (differs in: {', '.join(diff)}); "
             "use the same settings or start a new --out"
