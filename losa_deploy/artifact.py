@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from .atomic import file_mode, write_json
 from .errors import UserError
@@ -90,7 +90,7 @@ def remove_stale_partials(final: str | Path) -> list[Path]:
         shutil.rmtree(p, ignore_errors=True)
         if not p.exists():
             gone.append(p)
-            err.print(f"note: removed {p.name}, left by an interrupted run", highlight=False, markup=False)
+            err.print(f"note: removed {p.name}, left by an interrupted run", highlight=False, markup=False, soft_wrap=True)
     return gone
 
 
@@ -239,7 +239,7 @@ def check_masks(directory: str | Path, weights: Mapping[str, Any] | None = None,
             from .console import err
 
             err.print(f"note: '{directory}' has no {MASKS_NAME}: taking its weights as they are (dense, or masks "
-                      "inferred from W != 0)", highlight=False, markup=False)
+                      "inferred from W != 0)", highlight=False, markup=False, soft_wrap=True)
         return f"weights != 0 (no {MASKS_NAME})"
     masks = load_masks(directory)
     bad: list[tuple[str, int]] = []
@@ -318,16 +318,19 @@ def checkpoint_bytes(directory: str | Path, dtype_bytes: int | None = None) -> i
     files = weight_files(directory)
     if dtype_bytes is None:
         return sum(f.stat().st_size for f in files)
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     n = 0
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                numel = 1
-                for s in h.get_slice(k).get_shape():
-                    numel *= int(s)
-                n += numel
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    numel = 1
+                    for s in h.get_slice(k).get_shape():
+                        numel *= int(s)
+                    n += numel
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"could not load model '{directory}' (corrupt or incomplete checkpoint?): {_first_line(e)}")
     return n * dtype_bytes
 
 
@@ -358,12 +361,6 @@ def check_output_room(out: str | Path, need_bytes: int, flag: str = "--out") -> 
     if need_bytes > free:
         raise UserError(f"{flag} '{out}': about {need_bytes / 2**20:.0f} MiB needed but only {free / 2**20:.0f} MiB "
                         f"free in '{base}'; free some space or choose another {flag}")
-
-
-def remove_if_empty(paths: Iterable[Path]) -> None:
-    for p in paths:
-        with contextlib.suppress(OSError):
-            p.rmdir()
 
 
 def _first_line(e: BaseException) -> str:

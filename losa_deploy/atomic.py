@@ -86,6 +86,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _usual_modes(tmp)
     backup = None
     if final.exists():
         backup = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -93,3 +94,11 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     os.replace(tmp, final)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def _usual_modes(directory: Path) -> None:
+    """Files some writers create 0600 (mkstemp, safetensors' writer) get the usual mode: an output is for sharing."""
+    usual = file_mode()
+    for f in directory.rglob("*"):
+        if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o777 == 0o600:
+            f.chmod(usual)

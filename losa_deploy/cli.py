@@ -176,9 +176,18 @@ _register()
 
 
 def main() -> None:
-    from .errors import environment_error, install_signal_handlers
+    from .errors import install_signal_handlers, restore_signal_handlers
 
-    install_signal_handlers()
+    previous = install_signal_handlers()
+    try:
+        _run_app()
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _run_app() -> None:
+    from .errors import environment_error
+
     try:
         app()
     except UserError as e:

@@ -29,10 +29,19 @@ def raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-def install_signal_handlers() -> None:
-    """Handle SIGTERM (timeout, kill, batch schedulers) and SIGHUP (closed terminal) like SIGINT."""
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, raise_interrupted)
+def install_signal_handlers() -> dict[int, object]:
+    """Handle SIGTERM (timeout, kill, batch schedulers) and SIGHUP (closed terminal) like SIGINT; returns the
+    previous handlers for `restore_signal_handlers` (nothing is installed outside the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def restore_signal_handlers(previous: dict[int, object]) -> None:
+    for s, h in previous.items():
+        signal.signal(s, h)  # type: ignore[arg-type]
 
 
 def interrupt_exit_code(e: BaseException) -> int:
