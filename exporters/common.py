@@ -1,5 +1,5 @@
-"""Shared pieces of every exporter: read a model directory and its masks (through losa_deploy.artifact), map ONNX initializers back to
-parameters, and check that pruned weights stay zero in the exported file.
+"""Shared pieces of every exporter: read a model directory and its masks (through losa_deploy.artifact), map ONNX
+initializers back to parameters, and check that pruned weights stay zero in the exported file.
 
 Why value-based mapping: the TorchScript exporter folds `x @ W.T` into a MatMul with a transposed constant
 named `onnx::MatMul_123`, so names cannot be trusted; values (in either orientation) can.

@@ -90,7 +90,8 @@ def remove_stale_partials(final: str | Path) -> list[Path]:
         shutil.rmtree(p, ignore_errors=True)
         if not p.exists():
             gone.append(p)
-            err.print(f"note: removed {p.name}, left by an interrupted run", highlight=False, markup=False, soft_wrap=True)
+            err.print(f"note: removed {p.name}, left by an interrupted run", highlight=False, markup=False,
+                      soft_wrap=True)
     return gone
 
 
@@ -176,7 +177,7 @@ def read_weights(directory: str | Path) -> dict[str, Any]:
         try:
             state.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"could not load model '{directory}' (corrupt or incomplete checkpoint?): {_first_line(e)}")
+            raise _corrupt(directory, e)
     return state
 
 
@@ -247,8 +248,8 @@ def check_masks(directory: str | Path, weights: Mapping[str, Any] | None = None,
         for name, keep in masks.items():
             w = get(name)
             if w is None:
-                raise UserError(f"{directory / MASKS_NAME} has a mask for '{name}', which the checkpoint does not have; "
-                                "re-run compress")
+                raise UserError(f"{directory / MASKS_NAME} has a mask for '{name}', which the checkpoint does not "
+                                "have; re-run compress")
             if tuple(w.shape) != tuple(keep.shape):
                 raise UserError(f"{MASKS_NAME}: mask '{name}' has shape {tuple(keep.shape)}, weight has "
                                 f"{tuple(w.shape)}; re-run compress")
@@ -281,7 +282,7 @@ def _weight_source(directory: Path, weights: Mapping[str, Any] | None) -> Any:
                 h = stack.enter_context(safe_open(str(f), framework="pt"))
                 where.update({k: h for k in h.keys()})
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"could not load model '{directory}' (corrupt or incomplete checkpoint?): {_first_line(e)}")
+            raise _corrupt(directory, e)
 
         def get(name: str) -> Any:
             if name not in where:
@@ -289,7 +290,7 @@ def _weight_source(directory: Path, weights: Mapping[str, Any] | None) -> Any:
             try:
                 return where[name].get_tensor(name)
             except (SafetensorError, OSError, ValueError) as e:
-                raise UserError(f"could not load model '{directory}' (corrupt or incomplete checkpoint?): {_first_line(e)}")
+                raise _corrupt(directory, e)
 
         yield get
 
@@ -330,7 +331,7 @@ def checkpoint_bytes(directory: str | Path, dtype_bytes: int | None = None) -> i
                         numel *= int(s)
                     n += numel
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"could not load model '{directory}' (corrupt or incomplete checkpoint?): {_first_line(e)}")
+            raise _corrupt(directory, e)
     return n * dtype_bytes
 
 
@@ -361,6 +362,11 @@ def check_output_room(out: str | Path, need_bytes: int, flag: str = "--out") -> 
     if need_bytes > free:
         raise UserError(f"{flag} '{out}': about {need_bytes / 2**20:.0f} MiB needed but only {free / 2**20:.0f} MiB "
                         f"free in '{base}'; free some space or choose another {flag}")
+
+
+def _corrupt(directory: str | Path, e: BaseException) -> UserError:
+    """The same words as `models.load_model` uses for a checkpoint it cannot read."""
+    return UserError(f"could not load model '{directory}' (corrupt or incomplete checkpoint?): {_first_line(e)}")
 
 
 def _first_line(e: BaseException) -> str:

@@ -96,6 +96,10 @@ def evaluate(
         for name, path in zs_tasks.items():
             if path is not None:
                 LOCAL_TASKS[name][0](path, 1)
+    if json_path:
+        from .artifact import check_output_room
+
+        check_output_room(json_path, 2**20, flag="--json")  # a read-only or full disk fails now, not after the run
     m, tok = load_model(model, dtype=dtype, device=device)
     _check_masks_of(model, m)
     d: dict = {"model": model}

@@ -17,7 +17,8 @@ def bench(
     sparse_dir: Optional[Path] = typer.Argument(None, help="The compressed model directory (output of 'compress'; 'export' output reused)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The dense model it came from: directory or alias (smollm2-135m)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report directory (default: <SPARSE_DIR>/bench)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the report in an existing --out (its cached exports are reused)."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the report in an existing --out (its cached exports are reused)."),
     runtimes: Optional[str] = typer.Option(None, "--runtimes", help="Comma list of torch,onnxruntime,deepsparse,torch-cuda,torch-2of4. "
                                            "Default: all installed (missing ones skipped with a note); a requested missing one is an error."),
     prompt_lens: str = typer.Option("128,512", "--prompt-lens", help="Prefill prompt lengths (tokens)."),

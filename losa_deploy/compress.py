@@ -330,7 +330,8 @@ def _run_compress(
                 from .losa.state import STATE_FILE
 
                 if recipe.method == "losa" and (work_dir / STATE_FILE).is_file():
-                    e.hint = f"LoSA state of the last finished step kept in {work_dir}; rerun with --resume"  # type: ignore[attr-defined]
+                    hint = f"LoSA state of the last finished step kept in {work_dir}; rerun with --resume"
+                    e.hint = hint  # type: ignore[attr-defined]
                 raise
             timings["losa_s"] = time.perf_counter() - t0
             losa_info, masks = dict(lres.manifest), dict(lres.masks)

@@ -114,7 +114,8 @@ class CompressRecipe:
                 known = sorted(user_key(n) for n in names)
                 close = difflib.get_close_matches(k.replace("-", "_"), known, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
-                raise UserError(f"unknown compress setting '{k}' (in the profile or flags); {hint}known: {', '.join(known)}")
+                raise UserError(f"unknown compress setting '{k}' (in the profile or flags); {hint}"
+                                f"known: {', '.join(known)}")
             kw[key] = v
         if "ignore" in kw and isinstance(kw["ignore"], str):
             kw["ignore"] = [kw["ignore"]]
@@ -195,7 +196,8 @@ class CompressRecipe:
             if self.losa_objective not in OBJECTIVES:
                 raise UserError(f"unknown --objective '{self.losa_objective}': use one of {', '.join(OBJECTIVES)}")
             if self.losa_mask_method not in MASK_METHODS:
-                raise UserError(f"unknown --mask-method '{self.losa_mask_method}': use one of {', '.join(MASK_METHODS)}")
+                raise UserError(f"unknown --mask-method '{self.losa_mask_method}': use one of "
+                                f"{', '.join(MASK_METHODS)}")
             if self.losa_train_samples < 1 or self.losa_train_seqlen <= 1 or self.losa_batch_size < 1:
                 raise UserError("--train-samples, --train-seqlen and --batch-size must be positive")
             if not 0.0 <= self.losa_dropout < 1.0:

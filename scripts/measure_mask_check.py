@@ -60,7 +60,8 @@ def main() -> None:
            "torch_threads": torch.get_num_threads(), "pairs": a.pairs, "rows": rows,
            "load_s": stats("load_s"), "check_in_memory_s": stats("check_in_memory_s"),
            "check_from_files_s": stats("check_from_files_s"),
-           "ratio_in_memory_to_load": ratio("check_in_memory_s"), "ratio_from_files_to_load": ratio("check_from_files_s")}
+           "ratio_in_memory_to_load": ratio("check_in_memory_s"),
+           "ratio_from_files_to_load": ratio("check_from_files_s")}
     for k in ("load_s", "check_in_memory_s", "check_from_files_s"):
         s = res[k]
         print(f"{k:22s} median {s['median']:.3f} s (min {s['min']:.3f}, max {s['max']:.3f})")

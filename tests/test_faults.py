@@ -119,7 +119,8 @@ def test_tampered_checkpoint_refused_by_every_consumer(sparse_dir, text_file, tm
         code, o, e = _main(monkeypatch, capsys, *args)
         line = _one_error_line(e)
         assert code == 2, (what, e)
-        assert f"{Q} has 50 non-zero weights where sparsity_masks.safetensors says pruned (and 1 more tensor)" in line, (what, line)
+        want = f"{Q} has 50 non-zero weights where sparsity_masks.safetensors says pruned (and 1 more tensor)"
+        assert want in line, (what, line)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".x", "x_"))]  # nothing written, not even a folder
 
     only_down = _copy(sparse_dir, tmp_path / "only_down")
@@ -369,8 +370,8 @@ def test_environment_error_mapping():
     from losa_deploy.errors import environment_error
 
     assert "read-only file system: '/m/x'" in str(environment_error(OSError(errno.EROFS, "Read-only", "/m/x")))
-    assert "no space left" in str(environment_error(
-        SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')))
+    full = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    assert "no space left" in str(environment_error(SafetensorError(full)))
     assert environment_error(ValueError("a bug")) is None
     assert environment_error(OSError(errno.EINVAL, "Invalid argument")) is None
 
@@ -405,12 +406,13 @@ def test_bench_checks_inputs_first_and_owns_its_out(sparse_dir, tmp_path, monkey
     assert code == 2 and "piqa" in _one_error_line(e) and "line 2" in e
     assert not (tmp_path / "r").exists()
 
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "keep.txt").write_text("mine")
-    code, o, e = _main(monkeypatch, capsys, "bench", str(sparse_dir), "--baseline", dense, "--out", str(tmp_path / "mine"),
+    mine, new = tmp_path / "mine", tmp_path / "new"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    code, o, e = _main(monkeypatch, capsys, "bench", str(sparse_dir), "--baseline", dense, "--out", str(mine),
                        "--skip-latency", "--skip-accuracy")
     assert code == 2 and "--overwrite" in _one_error_line(e) and (tmp_path / "mine" / "keep.txt").read_text() == "mine"
-    code, o, e = _main(monkeypatch, capsys, "bench", str(sparse_dir), "--baseline", dense, "--out", str(tmp_path / "mine"),
+    code, o, e = _main(monkeypatch, capsys, "bench", str(sparse_dir), "--baseline", dense, "--out", str(mine),
                        "--skip-latency", "--skip-accuracy", "--overwrite")
     assert code == 0, e
     assert (tmp_path / "mine" / "report.json").is_file() and (tmp_path / "mine" / "keep.txt").is_file()
@@ -421,7 +423,7 @@ def test_bench_checks_inputs_first_and_owns_its_out(sparse_dir, tmp_path, monkey
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(R, "write_report", crash)
-    code, o, e = _main(monkeypatch, capsys, "bench", str(sparse_dir), "--baseline", dense, "--out", str(tmp_path / "new"),
+    code, o, e = _main(monkeypatch, capsys, "bench", str(sparse_dir), "--baseline", dense, "--out", str(new),
                        "--skip-latency", "--skip-accuracy")
     assert code == 1 and not (tmp_path / "new").exists()  # a failure leaves no (empty) folder
 
