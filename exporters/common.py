@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from losa_deploy.artifact import export_masks, has_manifest
+from losa_deploy.artifact import export_masks, has_manifest, named_weights
 from losa_deploy.errors import UserError
 
 EXPORT_SCHEMA = "losa-deploy/export"
@@ -57,7 +57,7 @@ def linear_weights(model: Any) -> dict[str, Any]:
 
 def load_masks(model_dir: Path, model: Any) -> tuple[dict[str, np.ndarray], str]:
     """Keep-masks (True = keep) for the block linears, checked against the weights (`artifact.export_masks`)."""
-    return export_masks(model_dir, linear_weights(model))
+    return export_masks(model_dir, linear_weights(model), named_weights(model))
 
 
 def sparsity(a: np.ndarray) -> float:

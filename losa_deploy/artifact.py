@@ -234,14 +234,19 @@ def check_masks(directory: str | Path, weights: Mapping[str, Any] | None = None,
     checkpoint's files one tensor at a time. Without a masks file the checkpoint is accepted as dense-or-inferred,
     with a note when `note`.
     """
-    directory = Path(directory)
+    masks = _checked_masks(Path(directory), weights, note)
+    return MASKS_NAME if masks is not None else f"weights != 0 (no {MASKS_NAME})"
+
+
+def _checked_masks(directory: Path, weights: Mapping[str, Any] | None, note: bool) -> dict[str, Any] | None:
+    """The masks once the weights agree with them (None: no masks file)."""
     if not has_masks(directory):
         if note:
             from .console import err
 
             err.print(f"note: '{directory}' has no {MASKS_NAME}: taking its weights as they are (dense, or masks "
                       "inferred from W != 0)", highlight=False, markup=False, soft_wrap=True)
-        return f"weights != 0 (no {MASKS_NAME})"
+        return None
     masks = load_masks(directory)
     bad: list[tuple[str, int]] = []
     with _weight_source(directory, weights) as get:
@@ -262,7 +267,7 @@ def check_masks(directory: str | Path, weights: Mapping[str, Any] | None = None,
         raise UserError(f"'{directory}': {name} has {n} non-zero weight{'s' if n != 1 else ''} where {MASKS_NAME} "
                         f"says pruned{more}; the weights changed after compress: re-run compress, or delete "
                         f"{MASKS_NAME} to take the weights as they are")
-    return MASKS_NAME
+    return masks
 
 
 @contextlib.contextmanager
@@ -295,11 +300,14 @@ def _weight_source(directory: Path, weights: Mapping[str, Any] | None) -> Any:
         yield get
 
 
-def export_masks(directory: str | Path, weights: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+def export_masks(directory: str | Path, weights: Mapping[str, Any],
+                 all_weights: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """Keep-masks (numpy bool, True = keep) for `weights` (the block linears an exporter checks): the checkpoint's
-    masks once they agree with the weights, W != 0 for the rest; and where they came from, for the export manifest."""
-    source = check_masks(directory, weights)
-    file_masks = load_masks(directory) if has_masks(directory) else {}
+    masks once they agree with the weights (`all_weights`, default `weights`), W != 0 for the rest; and where they
+    came from, for the export manifest."""
+    file_masks = _checked_masks(Path(directory), all_weights if all_weights is not None else weights, note=True)
+    source = MASKS_NAME if file_masks is not None else f"weights != 0 (no {MASKS_NAME})"
+    file_masks = file_masks or {}
     out: dict[str, Any] = {}
     for k, w in weights.items():
         m = file_masks.get(k)
