@@ -38,14 +38,12 @@ def export(
 
       losa-deploy export runs/sparse70 --format hf
     """
-    from .artifact import EXPORT_MANIFEST_NAME
+    from .artifact import EXPORT_MANIFEST_NAME, check_output_room, checkpoint_bytes, remove_stale_partials
 
     fmt = fmt.lower().strip()
     if fmt not in FORMATS:
         raise UserError(f"unknown --format '{fmt}': use one of {', '.join(FORMATS)}")
     from exporters.common import check_model_dir
-
-    from .artifact import check_output_room, checkpoint_bytes, remove_stale_partials
 
     src = check_model_dir(model_dir)
     dest = out_dir if out_dir is not None else src / fmt
