@@ -141,12 +141,13 @@ def evaluate(
 
 def _check_masks_of(spec: str, model: object) -> None:
     """A local checkpoint's weights must agree with its sparsity_masks.safetensors (aliases and GGUF files are dense
-    sources with no masks to check)."""
-    from .artifact import check_masks, named_weights
+    sources with no masks to check). Without masks only a compress output, which should have them, gets a note:
+    evaluate is as often given a dense model."""
+    from .artifact import check_masks, has_manifest, named_weights
 
     p = Path(spec).expanduser()
     if p.is_dir():
-        check_masks(p, named_weights(model))
+        check_masks(p, named_weights(model), note=has_manifest(p))
 
 
 @profiles_app.command("list")

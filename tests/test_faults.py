@@ -129,7 +129,7 @@ def test_tampered_checkpoint_refused_by_every_consumer(sparse_dir, text_file, tm
     assert code == 2 and f"{DOWN} has {n_down} non-zero weights" in _one_error_line(e)
 
 
-def test_intact_checkpoint_passes_and_no_masks_is_a_note(sparse_dir, tmp_path, monkeypatch, capsys):
+def test_intact_checkpoint_passes_and_no_masks_is_a_note(sparse_dir, text_file, tmp_path, monkeypatch, capsys):
     code, o, e = _main(monkeypatch, capsys, "export", str(sparse_dir), "--format", "hf", "--out", str(tmp_path / "ok"))
     assert code == 0, e
     assert "note:" not in e
@@ -140,6 +140,12 @@ def test_intact_checkpoint_passes_and_no_masks_is_a_note(sparse_dir, tmp_path, m
     assert code == 0, e
     notes = [ln for ln in e.splitlines() if ln.startswith("note:")]
     assert len(notes) == 1 and "no sparsity_masks.safetensors" in notes[0] and "dense" in notes[0]
+    # evaluate notes it for a compress output only: it is as often given a dense model
+    ev = ["--data", str(text_file), "--seqlen", "32", "--max-tokens", "64"]
+    code, o, e = _main(monkeypatch, capsys, "evaluate", str(nomask), *ev)
+    assert code == 0 and "note: " in e and "no sparsity_masks.safetensors" in e, e
+    code, o, e = _main(monkeypatch, capsys, "evaluate", str(sparse_dir.parent / "dense"), *ev)
+    assert code == 0 and "note:" not in e, e
 
 
 # ---- interruption: real child processes -------------------------------------------------------------------------
