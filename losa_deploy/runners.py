@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .artifact import read_export_manifest
+from .artifact import EXPORT_MANIFEST_NAME, read_export_manifest
 from .errors import UserError
 
 RUNTIMES = ("torch", "onnxruntime", "deepsparse", "torch-2of4")
@@ -260,7 +260,7 @@ def resolve_onnx_dir(path: Path) -> Path:
         if (cand / "model.onnx").is_file() and read_export_manifest(cand).get("format") == "deepsparse":
             return cand
     raise UserError(
-        f"'{path}' has no deepsparse-format export (model.onnx + export_manifest.json); "
+        f"'{path}' has no deepsparse-format export (model.onnx + {EXPORT_MANIFEST_NAME}); "
         f"run: losa-deploy export {path} --format deepsparse"
     )
 
