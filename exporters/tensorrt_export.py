@@ -87,7 +87,7 @@ def trtexec_command(onnx_path: Path, engine_path: Path, config: Any, prefill_len
 
 def export_tensorrt(model_dir: str | Path, out_dir: str | Path, *, force_2of4: bool = False, overwrite: bool = False,
                     prefill_len: int = 128, max_len: int = 512, opset: int = 17) -> dict:
-    from .deepsparse_export import check_supported
+    from .deepsparse_export import check_supported, table_len_for
 
     src = check_model_dir(model_dir)
     out = Path(out_dir)
@@ -95,7 +95,7 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, *, force_2of4: b
         raise UserError(f"output '{out}' already exists; pass --overwrite or choose another --out")
     t0 = time.perf_counter()
     model, tok = load_source(src, "float32", "eager")
-    check_supported(model.config, "tensorrt")
+    check_supported(model.config, "tensorrt", max_len)
     masks, mask_source = load_masks(src, model)
     lin = linear_weights(model)
     report = two_four_report({k: v.detach().numpy() for k, v in lin.items()})
@@ -123,7 +123,7 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, *, force_2of4: b
         t = time.perf_counter()
         export_wrapper_onnx(model_fp16, str(tmp / "model.onnx"), seq=prefill_len, past=max_len - prefill_len,
                             opset=opset, dynamic=True, external_data=True,
-                            table_len=max(int(getattr(model.config, "max_position_embeddings", max_len)), max_len))
+                            table_len=table_len_for(model.config, max_len))
         trace_s = time.perf_counter() - t
         copy_tokenizer_and_config(src, tok, model.config, tmp)
         import onnx
