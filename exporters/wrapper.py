@@ -183,6 +183,33 @@ class KVCacheLM(nn.Module):
         return (out.logits, *presents)
 
 
+def graph_parity_fp32(model: nn.Module, ids: Any, ref_logits: Any, ref_tokens: list[int], *, prefill_len: int,
+                      max_len: int, table_len: int) -> dict:
+    """The wrapper's computation (masks, rotary tables, fixed right-aligned cache) run in PyTorch fp32 through the
+    runners' own bookkeeping, against the model's own forward: the architecture check of a graph that is traced in
+    fp16 (tensorrt), whose ONNX Runtime run can only be compared loosely. Returns `verify.compare`'s dict."""
+    from pathlib import Path
+
+    from losa_deploy.runners import _FixedShapeKVRunner
+
+    from .verify import LOGIT_ATOL_FP32, compare, greedy
+
+    wrapper = KVCacheLM(model, table_len).eval()
+
+    class _Eager(_FixedShapeKVRunner):
+        def _run(self, seq: int, feeds: list) -> list:
+            with torch.no_grad():
+                outs = wrapper(*[torch.from_numpy(f) for f in feeds])
+            return [o.float().numpy() for o in outs]
+
+    try:
+        r = _Eager(Path("-"), model.config, prefill_len, max_len, 1)  # reads no file
+        logits, toks = greedy(r.prefill, r.decode, ids, len(ref_tokens))
+    finally:
+        wrapper.restore()
+    return compare(ref_logits, ref_tokens, logits, toks, LOGIT_ATOL_FP32)
+
+
 def dummy_inputs(config: Any, seq: int, past: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     layers, kv, hd = kv_geometry(config)
     t = past + seq

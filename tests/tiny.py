@@ -62,8 +62,10 @@ def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, inter: i
     if arch == "gemma":
         return tf.GemmaConfig(head_dim=hd, **common)
     if arch == "gemma2":
+        # larger weights and small caps, so that both soft-cappings change the logits (by ~1, not ~1e-7)
         return tf.Gemma2Config(head_dim=hd, query_pre_attn_scalar=hd, sliding_window=SLIDING_WINDOW,
-                               layer_types=alternating, **common)
+                               layer_types=alternating, initializer_range=0.1, attn_logit_softcapping=1.0,
+                               final_logit_softcapping=2.0, **common)
     if arch == "gemma3":
         return tf.Gemma3TextConfig(head_dim=hd, query_pre_attn_scalar=hd, sliding_window=SLIDING_WINDOW,
                                    layer_types=alternating, rope_local_base_freq=100.0, **common)
