@@ -63,7 +63,7 @@ def compressed(tmp_path_factory, dense_dirs, text_file) -> dict[str, tuple[Path,
 
 # ------------------------------------------------------------------------------------------- the tiny models
 @pytest.mark.parametrize("arch", ARCHS)
-def test_tiny_models_are_small_and_exercise_their_features(arch):
+def test_tiny_models_are_small_and_exercise_their_features(arch, tmp_path):
     """Guards the tests below: each feature must change the logits, or its export check could not fail."""
     model = tiny_model(arch)
     assert sum(p.numel() for p in model.parameters()) < 300_000
@@ -89,7 +89,7 @@ def test_tiny_models_are_small_and_exercise_their_features(arch):
     if arch == "gemma2":  # both soft-cappings bite (eager attention applies them; SDPA would not)
         from losa_deploy.models import load_model
 
-        d = save_tiny(Path(pytest.importorskip("tempfile").mkdtemp()) / "g2", arch="gemma2")
+        d = save_tiny(tmp_path / "g2", arch="gemma2")
         m, _ = load_model(str(d))
         assert m.config._attn_implementation == "eager"
         with torch.no_grad():
