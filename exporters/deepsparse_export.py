@@ -50,6 +50,9 @@ def export_deepsparse(model_dir: str | Path, out_dir: str | Path, *, prefill_len
     if prefill_len < 1 or max_len <= prefill_len:
         raise UserError(f"need 1 <= --prefill-len < --max-len (got {prefill_len}, {max_len})")
     src = check_model_dir(model_dir)
+    from losa_deploy.models import load_config
+
+    check_supported(load_config(str(src)), "deepsparse", max_len)  # before the weights are loaded
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UserError(f"output '{out}' already exists; pass --overwrite or choose another --out")
@@ -58,7 +61,6 @@ def export_deepsparse(model_dir: str | Path, out_dir: str | Path, *, prefill_len
     t0 = time.perf_counter()
     err.print(f"[dim]loading {src} (eager attention, fp32)[/dim]")
     model, tok = load_source(src, "float32", "eager")
-    check_supported(model.config, "deepsparse", max_len)
     masks, mask_source = load_masks(src, model)
     table_len = table_len_for(model.config, max_len)
     n_layers, kv_heads, head_dim = kv_geometry(model.config)

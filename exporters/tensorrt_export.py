@@ -90,12 +90,14 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, *, force_2of4: b
     from .deepsparse_export import check_supported, table_len_for
 
     src = check_model_dir(model_dir)
+    from losa_deploy.models import load_config
+
+    check_supported(load_config(str(src)), "tensorrt", max_len)  # before the weights are loaded
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UserError(f"output '{out}' already exists; pass --overwrite or choose another --out")
     t0 = time.perf_counter()
     model, tok = load_source(src, "float32", "eager")
-    check_supported(model.config, "tensorrt", max_len)
     masks, mask_source = load_masks(src, model)
     lin = linear_weights(model)
     report = two_four_report({k: v.detach().numpy() for k, v in lin.items()})
