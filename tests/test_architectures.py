@@ -2,7 +2,7 @@
 (tests/tiny.py: Qwen2, Qwen3, Mistral, Gemma, Gemma-2, Gemma-3, Phi-3): compress with every method and allocation
 (spread over the architectures, LoSA on each), the exports' own verification (logits, greedy tokens, zero pattern)
 for onnx / tensorrt / hf on each and deepsparse on Gemma-2 and Phi-3 (the others: integration), bench (torch runtime
-and perplexity) on each, and the one-line refusals of models the commands cannot take (GPT-2's Conv1D blocks,
+and perplexity) on each (onnxruntime + deepsparse on Gemma-2 and Phi-3: integration), and the one-line refusals of models the commands cannot take (GPT-2's Conv1D blocks,
 OPT in the KV-cache graph, a baseline of another geometry)."""
 
 from __future__ import annotations
@@ -232,6 +232,25 @@ def test_bench_torch_each_arch(arch, compressed, dense_dirs, tmp_path, text_file
     assert suite["runtimes"]["torch"]["status"] == "ok"
     assert suite["sparsity"] == pytest.approx(0.5, abs=0.02)
     assert rep["accuracy"]["perplexity"]["sparse"]["perplexity"] > 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ["gemma2", "phi3"])
+def test_bench_onnx_runtimes(arch, compressed, dense_dirs, tmp_path, text_file, monkeypatch):
+    """bench's CPU headline (DeepSparse sparse vs ONNX Runtime dense) on the deepsparse exports of both models."""
+    pytest.importorskip("deepsparse")
+    import losa_deploy.bench.bounds as bounds
+    from losa_deploy.bench import BenchOptions, run_bench
+
+    monkeypatch.setattr(bounds, "measure_peak_flops", lambda threads: {"flops_per_s": 1e11, "method": "stub"})
+    monkeypatch.setattr(bounds, "measure_bandwidth", lambda threads=None: {"bytes_per_s": 1e10, "method": "stub"})
+    rep, _ = run_bench(BenchOptions(sparse_dir=compressed[arch][0], baseline=str(dense_dirs[arch]), out=tmp_path / "b",
+                                    runtimes=["onnxruntime", "deepsparse"], threads=1, prompt_lens=(16,),
+                                    decode_past=16, decode_tokens=2, gen_tokens=2, warmup=0, repeats=1,
+                                    skip_accuracy=True, progress=False))
+    suite = rep["suites"][0]
+    assert all(suite["runtimes"][rt]["status"] == "ok" for rt in ("onnxruntime", "deepsparse")), suite["runtimes"]
+    assert suite["headline"] == "deepsparse vs onnxruntime dense"
 
 
 # --------------------------------------------------------------------------------------- what is refused
