@@ -100,28 +100,32 @@ def rotary_table_limit(config: Any) -> int | None:
     return None
 
 
+def wrapper_unsupported(config: Any, max_len: int | None = None) -> str | None:
+    """Why the KV-cache wrapper graph cannot reproduce `config`'s model (one clause naming the architecture), or None."""
+    mt = getattr(config, "model_type", None)
+    arch = (getattr(config, "architectures", None) or [mt])[0]
+    if mt not in WRAPPER_TYPES:
+        extra = " (for Gemma-3 multimodal, export its text model, Gemma3ForCausalLM)" if mt == "gemma3" else ""
+        return f"{arch} (model_type '{mt}') is not one of the families it covers ({', '.join(WRAPPER_TYPES)}){extra}"
+    odd = sorted(set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"})
+    if odd:
+        return f"{arch} uses attention type(s) {', '.join(odd)}, and only full and sliding-window attention are built"
+    if getattr(config, "use_bidirectional_attention", False):
+        return f"{arch} has use_bidirectional_attention, and the graph is causal"
+    limit = rotary_table_limit(config)
+    if limit is not None and max_len is not None and max_len > limit:
+        return (f"{arch}'s rope scaling changes its rotary angles beyond {limit} tokens, which a fixed position table "
+                f"cannot follow (use --max-len {limit} or less)")
+    return None
+
+
 def check_wrapper_support(config: Any, fmt: str, max_len: int | None = None) -> None:
     """One-line UserError naming the architecture and what the KV-cache wrapper graph cannot reproduce."""
     from losa_deploy.errors import UserError
 
-    mt = getattr(config, "model_type", None)
-    arch = (getattr(config, "architectures", None) or [mt])[0]
-    if mt not in WRAPPER_TYPES:
-        extra = " (Gemma-3 multimodal: export its text model, Gemma3ForCausalLM)" if mt == "gemma3" else ""
-        raise UserError(f"--format {fmt} does not support {arch} (model_type '{mt}'): its KV-cache graph covers "
-                        f"{', '.join(WRAPPER_TYPES)}{extra}; use --format onnx")
-    types = set(getattr(config, "layer_types", None) or ())
-    odd = sorted(types - {"full_attention", "sliding_attention"})
-    if odd:
-        raise UserError(f"--format {fmt} does not support {arch}: attention type(s) {', '.join(odd)} are not "
-                        "reproduced by the KV-cache graph (only full and sliding-window); use --format onnx")
-    if getattr(config, "use_bidirectional_attention", False):
-        raise UserError(f"--format {fmt} does not support {arch} with use_bidirectional_attention: the KV-cache graph "
-                        "is causal")
-    limit = rotary_table_limit(config)
-    if limit is not None and max_len is not None and max_len > limit:
-        raise UserError(f"--format {fmt}: {arch}'s rope scaling changes its rotary angles beyond {limit} tokens, which "
-                        f"a fixed position table cannot follow; use --max-len {limit} or less")
+    why = wrapper_unsupported(config, max_len)
+    if why is not None:
+        raise UserError(f"--format {fmt} cannot export this model: {why}; --format onnx takes any family optimum does")
 
 
 class KVCacheLM(nn.Module):

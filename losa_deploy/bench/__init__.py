@@ -172,21 +172,18 @@ def select_runtimes(requested: Sequence[str] | None) -> tuple[list[str], dict[st
 def onnx_runtimes_for(config: Any, runtimes: list[str], skipped: dict[str, str], *, explicit: bool) -> list[str]:
     """Drop onnxruntime/deepsparse when the model's architecture has no KV-cache graph (they run that export):
     an error when they were asked for by name, a skip note otherwise."""
-    from exporters.wrapper import check_wrapper_support
+    from exporters.wrapper import wrapper_unsupported
 
-    if not any(rt in ONNX_RUNTIMES for rt in runtimes):
+    asked = [rt for rt in runtimes if rt in ONNX_RUNTIMES]
+    why = wrapper_unsupported(config) if asked else None
+    if why is None:
         return runtimes
-    try:
-        check_wrapper_support(config, "deepsparse")
-    except UserError as e:
-        why = f"runs the --format deepsparse graph: {e}"
-        asked = [rt for rt in runtimes if rt in ONNX_RUNTIMES]
-        if explicit:
-            raise UserError(f"--runtimes {','.join(asked)} {why}")
-        for rt in asked:
-            skipped[rt] = why
-        return [rt for rt in runtimes if rt not in ONNX_RUNTIMES]
-    return runtimes
+    why = f"they run the deepsparse-format KV-cache graph, and {why}"
+    if explicit:
+        raise UserError(f"--runtimes {','.join(asked)} cannot bench this model: {why}")
+    for rt in asked:
+        skipped[rt] = why
+    return [rt for rt in runtimes if rt not in ONNX_RUNTIMES]
 
 
 # ---- model facts ------------------------------------------------------------------------------------------------
