@@ -148,8 +148,9 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, *, force_2of4: b
         report = two_four_report({k: v.detach().float().numpy() for k, v in lin.items()}, skipped)
         if not zeros["ok"]:
             raise UserError(f"fp16 export lost zero patterns ({zeros['violations'][:1] or zeros['missing'][:3]}); please report it")
-        verification: dict[str, Any] = {"zero_pattern": {k: zeros[k] for k in ("ok", "checked", "missing", "violations")},
-                                        "graph_fp32_vs_torch": graph_fp32}
+        verification: dict[str, Any] = {
+            "zero_pattern": {k: zeros[k] for k in ("ok", "checked", "missing", "violations")},
+            "graph_fp32_vs_torch": graph_fp32}
         try:
             from losa_deploy.runners import OrtRunner
 

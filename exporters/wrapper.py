@@ -101,7 +101,7 @@ def rotary_table_limit(config: Any) -> int | None:
 
 
 def wrapper_unsupported(config: Any, max_len: int | None = None) -> str | None:
-    """Why the KV-cache wrapper graph cannot reproduce `config`'s model (one clause naming the architecture), or None."""
+    """Why the KV-cache graph cannot reproduce `config`'s model (one clause naming the architecture), or None."""
     mt = getattr(config, "model_type", None)
     arch = (getattr(config, "architectures", None) or [mt])[0]
     if mt not in WRAPPER_TYPES:
@@ -172,7 +172,10 @@ class KVCacheLM(nn.Module):
             kpos = torch.cumsum(attention_mask, dim=-1) - 1
             near = (positions[:, None, :, None] - kpos[:, None, None, :]) < self.window
             sliding = torch.where((allowed & near) | diag, zero, neg)
-            mask4d = sliding if self.layout == "all-sliding" else {"full_attention": mask4d, "sliding_attention": sliding}
+            if self.layout == "all-sliding":
+                mask4d = sliding
+            else:  # per block, as the model's own mask mapping (keyed by config.layer_types)
+                mask4d = {"full_attention": mask4d, "sliding_attention": sliding}
         cache = DynamicCache()
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)

@@ -55,8 +55,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or len(mod) > len(best[1]):
             best = (name, mod)
     if best is None:
-        raise UserError(f"{type(model).__name__} is not supported: no ModuleList of decoder blocks with torch.nn.Linear "
-                        "layers found (losa-deploy prunes the nn.Linear weights of the decoder blocks)")
+        raise UserError(f"{type(model).__name__} is not supported: no ModuleList of decoder blocks with "
+                        "torch.nn.Linear layers found (losa-deploy prunes the nn.Linear weights of the decoder blocks)")
     return best
 
 
@@ -89,7 +89,8 @@ def require_linear_blocks_config(config: Any) -> None:
             model = AutoModelForCausalLM.from_config(config)
     except Exception as e:  # a config transformers cannot build: the loader reports it with its own message
         mt = getattr(config, "model_type", None)
-        raise UserError(f"cannot build model_type '{mt}' from its config: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"cannot build model_type '{mt}' from its config: {why}")
     require_linear_blocks(model)
 
 

@@ -2,8 +2,9 @@
 (tests/tiny.py: Qwen2, Qwen3, Mistral, Gemma, Gemma-2, Gemma-3, Phi-3): compress with every method and allocation
 (spread over the architectures, LoSA on each), the exports' own verification (logits, greedy tokens, zero pattern)
 for onnx / tensorrt / hf on each and deepsparse on Gemma-2 and Phi-3 (the others: integration), bench (torch runtime
-and perplexity) on each (onnxruntime + deepsparse on Gemma-2 and Phi-3: integration), and the one-line refusals of models the commands cannot take (GPT-2's Conv1D blocks,
-OPT in the KV-cache graph, a baseline of another geometry)."""
+and perplexity) on each (onnxruntime + deepsparse on Gemma-2 and Phi-3: integration), and the one-line refusals of
+models the commands cannot take (GPT-2's Conv1D blocks, OPT in the KV-cache graph, a baseline of another
+geometry)."""
 
 from __future__ import annotations
 
