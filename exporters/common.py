@@ -32,9 +32,11 @@ def check_model_dir(model_dir: str | Path) -> Path:
         raise UserError(f"'{model_dir}' has no config.json: not a Hugging Face model directory")
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
         raise UserError(f"'{model_dir}' has no weights (*.safetensors): not a complete model directory")
+    from losa_deploy.model_parts import require_linear_blocks_config
     from losa_deploy.models import load_config
 
-    load_config(str(p))  # raises UserError for a non-causal-LM architecture
+    # UserError for a non-causal-LM architecture, or blocks without nn.Linear (nothing to check zeros in)
+    require_linear_blocks_config(load_config(str(p)))
     return p
 
 

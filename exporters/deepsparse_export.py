@@ -20,19 +20,24 @@ from losa_deploy.console import err
 
 from .common import base_manifest, check_model_dir, check_zero_patterns, copy_tokenizer_and_config, load_masks, load_source
 from .verify import LOGIT_ATOL_FP32, compare, prompt_ids, run_deepsparse_probe, torch_reference
-from .wrapper import export_wrapper_onnx, io_names, kv_geometry
+from .wrapper import (WRAPPER_TYPES, check_wrapper_support, export_wrapper_onnx, io_names, kv_geometry,
+                      rotary_table_limit)
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
+SUPPORTED_TYPES = WRAPPER_TYPES
 SPARSE_LAYER_THRESHOLD = 0.5  # zeros share from which we list a layer as sparse (our threshold, not DeepSparse's)
 
 
-def check_supported(config: Any, fmt: str) -> None:
-    from losa_deploy.errors import UserError
+def check_supported(config: Any, fmt: str, max_len: int | None = None) -> None:
+    """What the KV-cache wrapper graph reproduces (exporters.wrapper.check_wrapper_support)."""
+    check_wrapper_support(config, fmt, max_len)
 
-    mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED_TYPES:
-        raise UserError(f"--format {fmt} supports decoder LMs with rotary embeddings ({', '.join(SUPPORTED_TYPES)}), "
-                        f"not '{mt}'; use --format onnx")
+
+def table_len_for(config: Any, max_len: int) -> int:
+    """Rotary table length: the model's context (so later runs may use a longer --max-len), capped where rope
+    scaling depends on the sequence length."""
+    n = max(int(getattr(config, "max_position_embeddings", max_len)), max_len)
+    limit = rotary_table_limit(config)
+    return min(n, limit) if limit else n
 
 
 def export_deepsparse(model_dir: str | Path, out_dir: str | Path, *, prefill_len: int = 128, max_len: int = 512,
@@ -47,6 +52,9 @@ def export_deepsparse(model_dir: str | Path, out_dir: str | Path, *, prefill_len
     if prefill_len < 1 or max_len <= prefill_len:
         raise UserError(f"need 1 <= --prefill-len < --max-len (got {prefill_len}, {max_len})")
     src = check_model_dir(model_dir)
+    from losa_deploy.models import load_config
+
+    check_supported(load_config(str(src)), "deepsparse", max_len)  # before the weights are loaded
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UserError(f"output '{out}' already exists; pass --overwrite or choose another --out")
@@ -55,9 +63,8 @@ def export_deepsparse(model_dir: str | Path, out_dir: str | Path, *, prefill_len
     t0 = time.perf_counter()
     err.print(f"[dim]loading {src} (eager attention, fp32)[/dim]")
     model, tok = load_source(src, "float32", "eager")
-    check_supported(model.config, "deepsparse")
     masks, mask_source = load_masks(src, model)
-    table_len = max(int(getattr(model.config, "max_position_embeddings", max_len)), max_len)
+    table_len = table_len_for(model.config, max_len)
     n_layers, kv_heads, head_dim = kv_geometry(model.config)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         err.print(f"[dim]tracing the KV-cache wrapper (opset {opset}, prefill {prefill_len}, max_len {max_len})[/dim]")
@@ -153,5 +160,5 @@ def dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
 
 
-__all__ = ["export_deepsparse", "check_supported", "dir_size"]
+__all__ = ["export_deepsparse", "check_supported", "dir_size", "table_len_for"]
 

@@ -91,8 +91,17 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool =
         if opset:
             kw["opset"] = opset
         try:
-            main_export(str(src), output=str(tmp), task="text-generation-with-past", device="cpu", dtype="fp32",
-                        do_validation=False, **kw)
+            if getattr(model.config, "_attn_implementation", None) == "eager" and \
+                    getattr(model.config, "attn_logit_softcapping", None):
+                # main_export would reload it with SDPA, which drops Gemma-2's attention soft-capping: export the
+                # eager model already loaded instead (the same exporter underneath)
+                from optimum.exporters.onnx import onnx_export_from_model
+
+                onnx_export_from_model(model, output=str(tmp), task="text-generation-with-past", device="cpu",
+                                       do_validation=False, preprocessors=[tok], **kw)
+            else:
+                main_export(str(src), output=str(tmp), task="text-generation-with-past", device="cpu", dtype="fp32",
+                            do_validation=False, **kw)
         except UserError:
             raise
         except (ValueError, KeyError, NotImplementedError) as e:

@@ -21,7 +21,7 @@ from losa_deploy.errors import UserError
 
 from .common import base_manifest, check_model_dir, check_zero_patterns, copy_tokenizer_and_config, linear_weights, load_masks, load_source
 from .verify import LOGIT_ATOL_FP16, compare, prompt_ids, torch_reference
-from .wrapper import export_wrapper_onnx, io_names, kv_geometry
+from .wrapper import export_wrapper_onnx, graph_parity_fp32, io_names, kv_geometry
 
 ALIGN = 16  # fp16 sparse tensor-core kernels need K and N multiples of 16 (conservative; cuSPARSELt's fp16 rule)
 DENSE_BELOW = 0.25  # a weight with fewer zeros than this is reported "dense", not "wrong pattern"
@@ -88,15 +88,17 @@ def trtexec_command(onnx_path: Path, engine_path: Path, config: Any, prefill_len
 
 def export_tensorrt(model_dir: str | Path, out_dir: str | Path, *, force_2of4: bool = False, overwrite: bool = False,
                     prefill_len: int = 128, max_len: int = 512, opset: int = 17) -> dict:
-    from .deepsparse_export import check_supported
+    from .deepsparse_export import check_supported, table_len_for
 
     src = check_model_dir(model_dir)
+    from losa_deploy.models import load_config
+
+    check_supported(load_config(str(src)), "tensorrt", max_len)  # before the weights are loaded
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UserError(f"output '{out}' already exists; pass --overwrite or choose another --out")
     t0 = time.perf_counter()
     model, tok = load_source(src, "float32", "eager")
-    check_supported(model.config, "tensorrt")
     masks, mask_source = load_masks(src, model)
     lin = linear_weights(model)
     report = two_four_report({k: v.detach().numpy() for k, v in lin.items()})
@@ -118,13 +120,20 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, *, force_2of4: b
     ref_model_fp32 = model
     ids = prompt_ids(tok, prefill_len)
     ref_logits, ref_tokens = torch_reference(ref_model_fp32, ids, 4)
+    # fp16 logits can only be compared loosely, so the graph's own computation is checked exactly in fp32 first
+    graph_fp32 = graph_parity_fp32(model, ids, ref_logits, ref_tokens, prefill_len=prefill_len, max_len=max_len,
+                                   table_len=table_len_for(model.config, max_len))
+    if not (graph_fp32["logits_ok"] and graph_fp32["tokens_match"]):
+        raise UserError(f"the KV-cache graph does not reproduce {type(model).__name__} in fp32 (max |dlogit| "
+                        f"{graph_fp32['max_abs_logit_diff']:.2e}, tokens match: {graph_fp32['tokens_match']}); "
+                        "export not written")
     model_fp16 = model.half()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         err.print("[dim]tracing the KV-cache wrapper in fp16[/dim]")
         t = time.perf_counter()
         export_wrapper_onnx(model_fp16, str(tmp / "model.onnx"), seq=prefill_len, past=max_len - prefill_len,
                             opset=opset, dynamic=True, external_data=True,
-                            table_len=max(int(getattr(model.config, "max_position_embeddings", max_len)), max_len))
+                            table_len=table_len_for(model.config, max_len))
         trace_s = time.perf_counter() - t
         copy_tokenizer_and_config(src, tok, model.config, tmp)
         import onnx
@@ -140,7 +149,9 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, *, force_2of4: b
         report = two_four_report({k: v.detach().float().numpy() for k, v in lin.items()}, skipped)
         if not zeros["ok"]:
             raise UserError(f"fp16 export lost zero patterns ({zeros['violations'][:1] or zeros['missing'][:3]}); please report it")
-        verification: dict[str, Any] = {"zero_pattern": {k: zeros[k] for k in ("ok", "checked", "missing", "violations")}}
+        verification: dict[str, Any] = {
+            "zero_pattern": {k: zeros[k] for k in ("ok", "checked", "missing", "violations")},
+            "graph_fp32_vs_torch": graph_fp32}
         try:
             from losa_deploy.runners import OrtRunner
 

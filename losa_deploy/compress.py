@@ -19,7 +19,8 @@ import torch
 
 from .console import err
 from .errors import UserError
-from .model_parts import block_param_counts, find_blocks, find_linears, block_prefix, prunable_linears
+from .model_parts import (block_param_counts, find_blocks, find_linears, block_prefix, prunable_linears,
+                          require_linear_blocks)
 from .recipe import ADAPTER_METHODS, CompressRecipe, PruneSpec, pattern_parts
 
 
@@ -38,6 +39,7 @@ def _block_weights(model: Any, ignore: Sequence[str]) -> list[float] | None:
 
 def check_model_against_recipe(model: Any, recipe: CompressRecipe) -> None:
     """Checks that need the model's shapes: something to prune, N:M divides every pruned layer, ATP beta range."""
+    require_linear_blocks(model)
     lins = prunable_linears(model, recipe.ignore)
     if not lins:
         raise UserError("no linear layer left to prune: --ignore excludes all of them")

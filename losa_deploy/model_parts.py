@@ -55,8 +55,43 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or len(mod) > len(best[1]):
             best = (name, mod)
     if best is None:
-        raise UserError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of blocks with linear layers")
+        raise UserError(f"{type(model).__name__} is not supported: no ModuleList of decoder blocks with "
+                        "torch.nn.Linear layers found (losa-deploy prunes the nn.Linear weights of the decoder blocks)")
     return best
+
+
+def require_linear_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks, or a one-line UserError naming the architecture and what its blocks lack.
+
+    Every command works on the `nn.Linear` weights of the decoder blocks (pruned, adapted, checked for zeros in
+    the exports). GPT-2-style blocks hold `Conv1D` modules (a transposed weight) instead, which nothing here
+    handles, so they are refused instead of being reported as "nothing left to prune"."""
+    name, blocks = find_blocks(model)
+    if not any(find_linears(b) for b in blocks):
+        arch = type(model).__name__
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        others = sorted({type(m).__name__ for m in blocks[0].modules()
+                         if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2})
+        held = f" (they hold {', '.join(others)})" if others else ""
+        raise UserError(f"{arch} (model_type '{mt}') is not supported: its decoder blocks ({name}) have no "
+                        f"torch.nn.Linear layer{held}, and losa-deploy prunes only nn.Linear weights")
+    return name, blocks
+
+
+def require_linear_blocks_config(config: Any) -> None:
+    """`require_linear_blocks` from a config alone: the model is built on the meta device (no weights, no memory),
+    so a command can refuse an architecture before it loads anything."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # a config transformers cannot build: the loader reports it with its own message
+        mt = getattr(config, "model_type", None)
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"cannot build model_type '{mt}' from its config: {why}")
+    require_linear_blocks(model)
 
 
 def find_linears(block: nn.Module, ignore: Sequence[str] = (), prefix: str = "") -> dict[str, nn.Linear]:

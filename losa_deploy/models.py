@@ -181,6 +181,8 @@ def load_model(
         raise UserError(f"could not load model '{src.spec}'{where}: {_first_line(e)}")
     check_architecture(cfg)
     kwargs: dict[str, Any] = {"dtype": dt}
+    if attn_implementation is None and getattr(cfg, "attn_logit_softcapping", None):
+        attn_implementation = "eager"  # SDPA would silently drop Gemma-2's attention soft-capping
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

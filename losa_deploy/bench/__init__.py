@@ -94,16 +94,38 @@ def parse_tasks(tasks: str | None, task_data: Sequence[str]) -> dict[str, str | 
     return out
 
 
+_GEOMETRY = {"hidden": ("hidden_size", "n_embd", "d_model"), "layers": ("num_hidden_layers", "n_layer"),
+             "heads": ("num_attention_heads", "n_head"), "kv_heads": ("num_key_value_heads",),
+             "intermediate": ("intermediate_size", "n_inner", "ffn_dim"), "vocab": ("vocab_size",)}
+
+
 def architecture(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"model_type": cfg.get("model_type"), "hidden": cfg.get("hidden_size"), "layers": cfg.get("num_hidden_layers")}
+    """model_type and geometry of a config.json, whatever the family calls its fields (GPT-2: n_embd, n_layer)."""
+    out: dict[str, Any] = {"model_type": cfg.get("model_type")}
+    for key, names in _GEOMETRY.items():
+        out[key] = next((cfg[n] for n in names if cfg.get(n) is not None), None)
+    return out
 
 
 def check_same_architecture(sparse_cfg: dict[str, Any], dense_cfg: dict[str, Any], sparse_name: str, dense_name: str) -> None:
     a, b = architecture(sparse_cfg), architecture(dense_cfg)
-    diff = [f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b[k]]
+    diff = [f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b[k] and a[k] is not None and b[k] is not None]
     if diff:
         raise UserError(f"baseline '{dense_name}' is not the dense version of '{sparse_name}' ({'; '.join(diff)}): "
                         "pass the model the sparse one was compressed from")
+
+
+def check_bench_architecture(model_dir: Path, name: str) -> Any:
+    """The model's config, or a one-line UserError naming its architecture and what bench cannot handle."""
+    from ..model_parts import require_linear_blocks_config
+    from ..models import load_config
+
+    cfg = load_config(str(model_dir))
+    try:
+        require_linear_blocks_config(cfg)
+    except UserError as e:
+        raise UserError(f"{name}: {e}")
+    return cfg
 
 
 def runtime_available(rt: str) -> tuple[bool, str]:
@@ -147,6 +169,23 @@ def select_runtimes(requested: Sequence[str] | None) -> tuple[list[str], dict[st
     else:
         skipped["tensorrt"] = "trtexec found; bench does not time TensorRT engines yet (export --format tensorrt, then trtexec)"
     return run, skipped
+
+
+def onnx_runtimes_for(config: Any, runtimes: list[str], skipped: dict[str, str], *, explicit: bool) -> list[str]:
+    """Drop onnxruntime/deepsparse when the model's architecture has no KV-cache graph (they run that export):
+    an error when they were asked for by name, a skip note otherwise."""
+    from exporters.wrapper import wrapper_unsupported
+
+    asked = [rt for rt in runtimes if rt in ONNX_RUNTIMES]
+    why = wrapper_unsupported(config) if asked else None
+    if why is None:
+        return runtimes
+    why = f"they run the deepsparse-format KV-cache graph, and {why}"
+    if explicit:
+        raise UserError(f"--runtimes {','.join(asked)} cannot bench this model: {why}")
+    for rt in asked:
+        skipped[rt] = why
+    return [rt for rt in runtimes if rt not in ONNX_RUNTIMES]
 
 
 # ---- model facts ------------------------------------------------------------------------------------------------
@@ -388,6 +427,8 @@ def _run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
     sparse_cfg = json.loads((sparse_dir / "config.json").read_text())
     dense_cfg = json.loads((dense_dir / "config.json").read_text())
     check_same_architecture(sparse_cfg, dense_cfg, str(sparse_dir), opts.baseline)
+    hf_cfg = check_bench_architecture(dense_dir, f"--baseline '{opts.baseline}'")
+    check_bench_architecture(sparse_dir, f"SPARSE_DIR '{sparse_dir}'")
     if opts.batch != 1:
         raise UserError("--batch: the runners time batch 1 only (the fixed-shape DeepSparse contract); use --batch 1")
     for flag, v in (("--decode-past", opts.decode_past), ("--warmup", opts.warmup)):
@@ -407,6 +448,7 @@ def _run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
     settings = LatencySettings(tuple(opts.prompt_lens), opts.decode_past, opts.decode_tokens, opts.gen_tokens, opts.batch,
                                opts.warmup, opts.repeats, opts.seed)
     runtimes, skipped = ([], {}) if opts.skip_latency else select_runtimes(opts.runtimes)
+    runtimes = onnx_runtimes_for(hf_cfg, runtimes, skipped, explicit=opts.runtimes is not None)
     out_dir = Path(opts.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rep = new_report({"threads": threads, "latency": settings.to_dict(), "runtimes_requested": list(opts.runtimes) if opts.runtimes else None,
