@@ -43,9 +43,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks, and third-party warnings and logs."),
 ) -> None:
+    from .quiet import configure
+
     _state["debug"] = debug
+    configure(debug)
 
 
 @app.command()
@@ -96,7 +99,7 @@ def evaluate(
         for name, path in zs_tasks.items():
             if path is not None:
                 LOCAL_TASKS[name][0](path, 1)
-    m, tok = load_model(model, dtype=dtype, device=device)
+    m, tok = load_model(model, dtype=dtype, device=device, tokenizer_check="error")
     d: dict = {"model": model}
     if do_ppl:
         from .evaluation.perplexity import evaluate_perplexity

@@ -274,6 +274,9 @@ def resolve_onnx_dir(path: Path) -> Path:
 
 def resolve_hf_dir(path: Path) -> Path:
     """The HF checkpoint for `path`: the dir itself, or the source recorded in its export manifest."""
+    man = _read_json(path / "export_manifest.json")
+    if man.get("format") == "compressed-tensors" and man.get("source") and Path(man["source"]).is_dir():
+        return Path(man["source"])  # transformers cannot from_pretrained every compressed-tensors sparse format
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     if (path / "config.json").is_file() and has_weights:
         return path

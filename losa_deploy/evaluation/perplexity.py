@@ -52,11 +52,13 @@ def perplexity(
         raise UserError(f"the evaluation text has {usable} tokens, fewer than one window of seqlen={seqlen}")
     device = next(model.parameters()).device
     nll_sum = 0.0
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+
+    from ..progress import make_progress
 
     cols = (TextColumn("perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total} windows"), TimeRemainingColumn())
-    with Progress(*cols, disable=not progress, transient=True) as prog:
-        task = prog.add_task("ppl", total=n)
+    with make_progress(*cols, disable=not progress, transient=True) as prog:
+        task = prog.add_task("perplexity", total=n)
         for b in range(0, n, batch_size):
             nb = min(batch_size, n - b)
             batch = ids[b * seqlen : (b + nb) * seqlen].view(nb, seqlen).to(device)
