@@ -149,6 +149,9 @@ def export_compressed_tensors(model_dir: str | Path, out_dir: str | Path, *, ove
                         "verify_s": round(time.perf_counter() - t2, 3), "total_s": round(time.perf_counter() - t0, 3)},
         })
         write_json(tmp / "export_manifest.json", man)
+        for f in tmp.iterdir():  # safetensors writes 0600 files; a checkpoint is meant to be shared
+            if f.is_file():
+                f.chmod(0o644)
     return man
 
 
