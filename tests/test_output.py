@@ -183,6 +183,20 @@ def test_perplexity_prints_plain_progress_to_captured_stderr(monkeypatch, capsys
     assert "perplexity:" not in cap.out
 
 
+def test_seqlen_beyond_context_is_our_one_line_note(capsys):
+    from losa_deploy.evaluation.perplexity import perplexity
+    from tiny import tiny_model
+
+    model = tiny_model("llama", layers=1)
+    model.config.max_position_embeddings = 8
+    capsys.readouterr()
+    perplexity(model, torch.randint(0, 256, (32,)), 16, progress=False)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seqlen 16 is longer than the model's context (8 positions)" in err
+    perplexity(model, torch.randint(0, 256, (32,)), 8, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 # ------------------------------------------------------------------------------------------ tokenizer probe
 def _broken_tokenizer():
     """The byte-level BPE of tests/tiny.py without its ByteLevel decoder: what a GGUF whose metadata lost the
