@@ -20,7 +20,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from losa_deploy.atomic import atomic_dir, write_json
 from losa_deploy.errors import UserError
@@ -72,14 +72,15 @@ def _weights_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*.safetensors") if f.name != "sparsity_masks.safetensors")
 
 
-def decompressed_state(path: str | Path) -> dict[str, Any]:
-    """Every tensor of a compressed-tensors directory, decompressed by the library (names as in the files)."""
+def decompressed_tensors(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) for every tensor of a compressed-tensors directory, decompressed by the library one at a time
+    (names as in the files), so a check never holds a second full copy of the model."""
     from compressed_tensors.compressors import ModelCompressor
 
     comp = ModelCompressor.from_pretrained(str(path))
     if comp is None or comp.sparsity_compressor is None:
         raise UserError(f"'{path}' has no compressed-tensors sparsity_config in its config.json")
-    return dict(comp.sparsity_compressor.decompress(str(path)))
+    yield from comp.sparsity_compressor.decompress(str(path))
 
 
 def export_compressed_tensors(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict:
@@ -109,24 +110,27 @@ def export_compressed_tensors(model_dir: str | Path, out_dir: str | Path, *, ove
                                                        sparsity_structure=plan["sparsity_structure"],
                                                        global_sparsity=plan["global_sparsity"])
     compressor = ModelCompressor(sparsity_config=cfg)
-    source = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    source = model.state_dict()  # compress() builds new tensors and leaves the model's own as they are
     t1 = time.perf_counter()
     with quiet():
         packed = compressor.compress(model, show_progress=False)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with quiet():
             model.save_pretrained(tmp, state_dict=packed, safe_serialization=True)
+        del packed
         compressor.update_config(str(tmp))
         for f in src.iterdir():  # tokenizer, generation config, losa_manifest.json: as they are
             if f.is_file() and f.suffix != ".safetensors" and f.name not in _SKIP_COPY \
                     and not f.name.endswith(".index.json") and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
         t2 = time.perf_counter()
+        seen, bad = set(), []
         with quiet():
-            restored = decompressed_state(tmp)
-        tied = set(source) - set(restored)
-        bad = [k for k in restored if k not in source or restored[k].dtype != source[k].dtype
-               or not torch.equal(restored[k], source[k])]
+            for k, v in decompressed_tensors(tmp):
+                seen.add(k)
+                if k not in source or v.dtype != source[k].dtype or not torch.equal(v, source[k]):
+                    bad.append(k)
+        tied = set(source) - seen
         untied = [k for k in tied if not _is_tied(model, k)]
         if bad or untied:
             raise UserError(f"compressed-tensors round trip is not exact ({len(bad)} tensors differ, e.g. "
@@ -141,7 +145,7 @@ def export_compressed_tensors(model_dir: str | Path, out_dir: str | Path, *, ove
             "min_sparsity_to_compress": MIN_SPARSITY,
             "sizes": {"dense_bytes": dense_bytes, "compressed_bytes": ct_bytes,
                       "ratio": round(ct_bytes / max(dense_bytes, 1), 6)},
-            "verification": {"decompressed_exact": True, "tensors_compared": len(restored),
+            "verification": {"decompressed_exact": True, "tensors_compared": len(seen),
                              "tied_not_stored": sorted(tied)},
             "load": (f"AutoModelForCausalLM.from_pretrained(DIR, dtype='auto')" if plan["format"] == "sparse-24-bitmask"
                      else "from exporters.compressed_tensors_export import load_sparse; model = load_sparse(DIR)"),

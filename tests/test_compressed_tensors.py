@@ -145,16 +145,16 @@ def test_load_sparse_and_logits(exports):
 def test_failed_verification_writes_nothing(s70, tmp_path, monkeypatch):
     import exporters.compressed_tensors_export as cte
 
-    real = cte.decompressed_state
+    real = cte.decompressed_tensors
 
-    def corrupt(path):
-        d = real(path)
-        k = next(k for k in d if k.endswith("q_proj.weight"))
-        d[k] = d[k].clone()
-        d[k][0, 0] += 1.0
-        return d
+    def corrupt(path):  # one weight of one layer comes back off by one
+        for k, v in real(path):
+            if k == "model.layers.1.self_attn.q_proj.weight":
+                v = v.clone()
+                v[0, 0] += 1.0
+            yield k, v
 
-    monkeypatch.setattr(cte, "decompressed_state", corrupt)
+    monkeypatch.setattr(cte, "decompressed_tensors", corrupt)
     with pytest.raises(UserError, match="not exact"):
         cte.export_compressed_tensors(s70, tmp_path / "ct")
     assert list(tmp_path.iterdir()) == []
