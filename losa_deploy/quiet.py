@@ -78,14 +78,14 @@ def _set_library_levels(level: int) -> None:
 
 def _loguru(enable: bool) -> None:
     """compressed-tensors logs through loguru, which ignores the logging module's levels."""
-    if "loguru" not in sys.modules and importlib_missing("loguru"):
+    if "loguru" not in sys.modules and _missing("loguru"):
         return
     from loguru import logger
 
     (logger.enable if enable else logger.disable)("compressed_tensors")
 
 
-def importlib_missing(name: str) -> bool:
+def _missing(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is None
