@@ -35,7 +35,7 @@ EXPORT_MANIFEST_NAME = "export_manifest.json"
 _PARTIAL = ".partial-"
 _WORK = ".losa-work"
 _NOT_WEIGHTS = (MASKS_NAME,)  # *.safetensors in a model directory that are not its weights
-_NOT_WEIGHT_SUFFIX = ".compact.safetensors"  # `export --format hf` output (exporters/hf_compact.py)
+_NOT_WEIGHT_SUFFIX = ".compact.safetensors"  # the compact format of losa-deploy <= 0.1 (no longer written)
 
 
 # ---- names --------------------------------------------------------------------------------------------------------

@@ -43,9 +43,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks, and third-party warnings and logs."),
 ) -> None:
+    from .quiet import configure
+
     _state["debug"] = debug
+    configure(debug)
 
 
 @app.command()
@@ -100,7 +103,7 @@ def evaluate(
         from .artifact import check_output_room
 
         check_output_room(json_path, 2**20, flag="--json")  # a read-only or full disk fails now, not after the run
-    m, tok = load_model(model, dtype=dtype, device=device)
+    m, tok = load_model(model, dtype=dtype, device=device, tokenizer_check="error")
     _check_masks_of(model, m)
     d: dict = {"model": model}
     if do_ppl:

@@ -12,13 +12,14 @@ from .cli import app
 from .console import err, out
 from .errors import UserError
 
-FORMATS = ("onnx", "deepsparse", "tensorrt", "hf")
+FORMATS = ("onnx", "deepsparse", "tensorrt", "compressed-tensors")
+ALIASES = {"hf": "compressed-tensors"}  # the Hugging Face sparse checkpoint is compressed-tensors
 
 
 @app.command()
 def export(
     model_dir: Path = typer.Argument(..., help="A Hugging Face causal-LM directory (what `compress` writes, or any HF checkpoint)."),
-    fmt: str = typer.Option(..., "--format", "-f", help="onnx | deepsparse | tensorrt | hf"),
+    fmt: str = typer.Option(..., "--format", "-f", help="onnx | deepsparse | tensorrt | compressed-tensors (alias hf)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: MODEL_DIR/<format>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     prefill_len: int = typer.Option(128, "--prefill-len", help="deepsparse: tokens per prefill engine call."),
@@ -36,13 +37,14 @@ def export(
 
       losa-deploy export runs/gpu24 --format tensorrt
 
-      losa-deploy export runs/sparse70 --format hf
+      losa-deploy export runs/sparse70 --format compressed-tensors
     """
     from .artifact import EXPORT_MANIFEST_NAME, check_output_room, checkpoint_bytes, remove_stale_partials
 
     fmt = fmt.lower().strip()
+    fmt = ALIASES.get(fmt, fmt)
     if fmt not in FORMATS:
-        raise UserError(f"unknown --format '{fmt}': use one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown --format '{fmt}': use one of {', '.join(FORMATS)} (hf = compressed-tensors)")
     from exporters.common import check_model_dir
 
     src = check_model_dir(model_dir)
@@ -82,12 +84,14 @@ def export(
             out.print(f"[yellow]re-pruned {man['forced_2of4']['layers']} layers to 2:4 by magnitude (--force-2of4)[/yellow]")
         out.print(f"build the sparse engine with:\n  {man['trtexec']}")
     else:
-        from exporters.hf_compact import export_compact
+        from exporters.compressed_tensors_export import export_compressed_tensors
 
-        man = export_compact(src, dest, overwrite=overwrite)
-        s = man["sizes"]
-        out.print(f"compact copy: {s['compact_bytes'] / 1e6:.1f} MB vs dense {s['dense_bytes'] / 1e6:.1f} MB "
-                  f"({s['ratio'] * 100:.1f}%); round trip exact: {man['verification']['round_trip_exact']}")
+        man = export_compressed_tensors(src, dest, overwrite=overwrite)
+        s, sc = man["sizes"], man["sparsity_config"]
+        out.print(f"compressed-tensors {sc['format']} ({sc['sparsity_structure']}, {man['compressed_layers']} layers "
+                  f"compressed): {s['compressed_bytes'] / 1e6:.1f} MB vs dense {s['dense_bytes'] / 1e6:.1f} MB "
+                  f"({s['ratio'] * 100:.1f}%); decompressed exactly: {man['verification']['decompressed_exact']}")
+        out.print(f"load with: {man['load']}", highlight=False)
     out.print(f"wrote {dest} in {time.perf_counter() - t:.1f} s (manifest: {dest / EXPORT_MANIFEST_NAME})")
 
 

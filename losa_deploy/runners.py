@@ -267,10 +267,13 @@ def resolve_onnx_dir(path: Path) -> Path:
 
 def resolve_hf_dir(path: Path) -> Path:
     """The HF checkpoint for `path`: the dir itself, or the source recorded in its export manifest."""
+    man = read_export_manifest(path)
+    if man.get("format") == "compressed-tensors" and man.get("source") and Path(man["source"]).is_dir():
+        return Path(man["source"])  # transformers cannot from_pretrained every compressed-tensors sparse format
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     if (path / "config.json").is_file() and has_weights:
         return path
-    src = read_export_manifest(path).get("source")
+    src = man.get("source")
     if src and Path(src).is_dir():
         return Path(src)
     raise UserError(f"'{path}' is not a Hugging Face model directory (config.json + *.safetensors)")

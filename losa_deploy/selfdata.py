@@ -58,7 +58,7 @@ def generate_self_ids(
 
     Wide batches: a decode step of a small model is bound by reading its weights, so 64 sequences per step cost
     little more than 16; generating the LoSA profiles' training text dominated a fresh run's set-up at 16."""
-    from rich.progress import Progress
+    from .progress import make_progress
 
     from .atomic import write_text  # noqa: F401  (cache write below uses torch.save to a temp then rename)
 
@@ -75,7 +75,7 @@ def generate_self_ids(
     vocab = model.config.vocab_size
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     out = []
-    with Progress(transient=True) as progress:
+    with make_progress(transient=True) as progress:
         task = progress.add_task("generating self-calibration text", total=nsamples)
         for b0 in range(0, nsamples, batch_size):
             bs = min(batch_size, nsamples - b0)

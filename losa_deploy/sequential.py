@@ -237,9 +237,11 @@ def run_block(block: nn.Module, hidden: Tensor, kwargs: dict, out: Tensor | None
 
 
 def _progress(desc: str, total: int, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    return Progress(
+    from .progress import make_progress
+
+    return make_progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=not enabled, transient=True,
     )

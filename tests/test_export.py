@@ -1,5 +1,6 @@
-"""Export formats on tiny sparse Llamas: parity with PyTorch, zero patterns kept, 2:4 checker, compact round trip,
-and the one-line errors. One integration test exports the real model to DeepSparse."""
+"""Export formats on tiny sparse Llamas: parity with PyTorch, zero patterns kept, 2:4 checker, and the one-line
+errors (compressed-tensors: tests/test_compressed_tensors.py). One integration test exports the real model to
+DeepSparse."""
 
 from __future__ import annotations
 
@@ -170,32 +171,6 @@ def test_tensorrt_export_2of4(s24, tmp_path):
         assert ort["max_abs_logit_diff"] <= ort["logit_tolerance"]
 
 
-# ------------------------------------------------------------------------------------------------- compact
-def test_hf_compact_round_trip(s70, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from exporters.hf_compact import compress_tensor, decompress_tensor, export_compact, load_compact
-
-    a = np.array([[0, 1.5, 0, 0, 2, 0, 0, 0, -1]], np.float32)
-    c = compress_tensor(a)
-    assert c["values"].tolist() == [1.5, 2.0, -1.0] and c["bitmask"].tolist() == [0b01001000, 0b10000000]
-    assert np.array_equal(decompress_tensor(**c), a)
-
-    out = tmp_path / "hf"
-    man = export_compact(s70, out)
-    s = man["sizes"]
-    assert s["compact_bytes"] == (out / "model.compact.safetensors").stat().st_size
-    # linears are 70% zeros; embeddings (dense) dominate the tiny model, so the ratio is well under 1 but above 0.33
-    assert 0.3 < s["ratio"] < 0.5 and man["verification"]["round_trip_exact"]
-    ref = AutoModelForCausalLM.from_pretrained(s70).eval()
-    got = load_compact(out)
-    for (k, v), (k2, v2) in zip(sorted(ref.state_dict().items()), sorted(got.state_dict().items())):
-        assert k == k2 and torch.equal(v, v2)
-    ids = torch.tensor([[1, 2, 3, 4]])
-    with torch.no_grad():
-        assert torch.equal(ref(ids).logits, got(ids).logits)
-
-
 # -------------------------------------------------------------------------------------------------- errors
 class _Result:
     def __init__(self, code: int, output: str) -> None:
@@ -242,7 +217,7 @@ def test_cli_export_hf_and_generate_torch(s70, tmp_path, capsys, monkeypatch):
     out = tmp_path / "hf"
     r = _run(["export", str(s70), "--format", "hf", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "compact copy" in r.output and (out / "export_manifest.json").is_file()
+    assert "compressed-tensors sparse-bitmask" in r.output and (out / "export_manifest.json").is_file()
     r = _run(["generate", str(s70), "--runtime", "torch", "--prompt", "abc", "--max-new-tokens", "4"])
     assert r.exit_code == 0, r.output
     assert r.output.startswith("abc") and "torch: 4 new tokens" in r.output

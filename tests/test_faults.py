@@ -445,7 +445,7 @@ def test_files_get_the_usual_mode(sparse_dir, tmp_path, monkeypatch, capsys):
     assert code == 0, e
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755
     for f in (tmp_path / "hf").iterdir():
-        assert f.stat().st_mode & 0o777 == 0o644, f  # model.compact.safetensors included
+        assert f.stat().st_mode & 0o777 == 0o644, f  # the compressed-tensors weights (written by safetensors as 0600) included
     old = os.umask(0o027)
     try:
         assert write_json(tmp_path / "u.json", {}).stat().st_mode & 0o777 == 0o640  # the umask is respected

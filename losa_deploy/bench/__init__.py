@@ -268,9 +268,10 @@ def latency_suite(
     settings: Any, threads: int, export_root: Path, rates: dict[str, Any], progress: bool,
     dense_export: Path | None = None, sparse_export: Path | None = None,
 ) -> dict[str, Any]:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from ..console import err
+    from ..progress import make_progress
     from .bounds import bounds_for, inventory_from_dir
     from .latency import bench_phases
 
@@ -289,7 +290,7 @@ def latency_suite(
     for rt, why in skipped.items():
         suite["runtimes"][rt] = {"status": "skipped", "note": why}
     cols = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*cols, console=err, disable=not progress, transient=True) as prog:
+    with make_progress(*cols, console=err, disable=not progress, transient=True) as prog:
         task = prog.add_task(name, total=None)
         for rt in runtimes:
             res: dict[str, Any] = {"status": "ok"}

@@ -30,7 +30,10 @@ class PerplexityResult:
 
 
 def tokenize_eval_text(tokenizer: Any, text: str) -> torch.Tensor:
-    return tokenizer(text, return_tensors="pt").input_ids[0]
+    from ..quiet import quiet
+
+    with quiet():  # "Token indices sequence length is longer than ...": expected, the text is cut into windows
+        return tokenizer(text, return_tensors="pt").input_ids[0]
 
 
 @torch.no_grad()
@@ -50,13 +53,21 @@ def perplexity(
     n = usable // seqlen
     if n < 1:
         raise UserError(f"the evaluation text has {usable} tokens, fewer than one window of seqlen={seqlen}")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:  # what transformers' length notices are about, said once
+        from ..console import err
+
+        err.print(f"[yellow]warning:[/yellow] seqlen {seqlen} is longer than the model's context ({context} positions);"
+                  " this perplexity is not comparable with published figures", highlight=False, soft_wrap=True)
     device = next(model.parameters()).device
     nll_sum = 0.0
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+
+    from ..progress import make_progress
 
     cols = (TextColumn("perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total} windows"), TimeRemainingColumn())
-    with Progress(*cols, disable=not progress, transient=True) as prog:
-        task = prog.add_task("ppl", total=n)
+    with make_progress(*cols, disable=not progress, transient=True) as prog:
+        task = prog.add_task("perplexity", total=n)
         for b in range(0, n, batch_size):
             nb = min(batch_size, n - b)
             batch = ids[b * seqlen : (b + nb) * seqlen].view(nb, seqlen).to(device)

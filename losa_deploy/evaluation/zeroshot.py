@@ -73,9 +73,10 @@ class _RichTqdm:
     enabled = True
 
     def __init__(self, iterable: Any = None, total: int | None = None, desc: str | None = None, disable: bool = False, **_: Any):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         from ..console import err
+        from ..progress import make_progress
 
         self.iterable = iterable
         self._prog = None
@@ -83,8 +84,8 @@ class _RichTqdm:
             total = len(iterable)
         if not disable and self.enabled:
             label = _RichTqdm.label or (desc or "")
-            self._prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                  TimeRemainingColumn(), console=err, transient=True)
+            self._prog = make_progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                       TimeRemainingColumn(), console=err, transient=True)
             self._prog.start()
             self._task = self._prog.add_task(label, total=total)
 

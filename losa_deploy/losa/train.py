@@ -181,13 +181,15 @@ def train_slice(
     after_update: Callable[[], None] | None = None,
 ) -> list[float]:
     """One LoSA step's share of training: one optimiser step per batch. Returns the loss of each step."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ..console import err
+    from ..progress import make_progress
 
     losses: list[float] = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=not progress, transient=True) as bar:
+    with make_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+                       disable=not progress, transient=True) as bar:
         task = bar.add_task(desc, total=len(data), loss="-")
         for batch in data:
             b = {k: v.to(device) for k, v in batch.items()}
