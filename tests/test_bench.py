@@ -119,6 +119,47 @@ def test_bench_phases_with_fake_runner():
     assert built == [(8, 9)] and set(res["phases"]) == {"prefill_8", "ttft"}
 
 
+def test_bench_sides_interleaves_runners_and_isolates_failures():
+    """Two sides alternate call by call in every phase; a side whose runner cannot be built is an error, not fatal."""
+    from losa_deploy.bench.latency import Side, bench_sides
+
+    log = []
+
+    class R:
+        threads = 1
+
+        def __init__(self, name, p, L):
+            self.name = name
+
+        def reset(self):
+            pass
+
+        def prefill(self, ids):
+            log.append((self.name, "prefill", ids.shape[1]))
+            return np.zeros((1, ids.shape[1], 7), np.float32)
+
+        def decode(self, tok):
+            log.append((self.name, "decode", 1))
+            return np.zeros((1, 7), np.float32)
+
+    def broken(p, L):
+        raise RuntimeError("no such engine")
+
+    sides = [Side("a", "dense", lambda p, L: R("a", p, L)), Side("b", "sparse", lambda p, L: R("b", p, L)),
+             Side("c", "sparse", broken)]
+    s = LatencySettings(prompt_lens=(4,), decode_past=3, decode_tokens=2, gen_tokens=0, warmup=1, repeats=2)
+    res = bench_sides(sides, s, vocab_size=7)
+    assert res["c/sparse"] == {"status": "error", "note": "RuntimeError: no such engine"}
+    assert res["a/dense"]["status"] == res["b/sparse"]["status"] == "ok"
+    pre = [n for n, kind, L in log if kind == "prefill" and L == 4]
+    assert pre == ["a", "b"] * 6  # prefill_4 then ttft: 3 rounds each (1 warm-up + 2)
+    dec = [n for n, kind, _ in log if kind == "decode"]
+    assert dec == ["a", "a", "b", "b"] * 3  # decode: 1 warm-up + 2 rounds of 2 steps per side
+    for k in ("a/dense", "b/sparse"):
+        assert set(res[k]["phases"]) == {"prefill_4", "ttft", "decode"}
+        assert len(res[k]["phases"]["decode"]["samples_s"]) == 2
+
+
 # ---- arithmetic -------------------------------------------------------------------------------------------------
 
 def test_speedup_arithmetic():
@@ -191,6 +232,117 @@ def test_inventory_of_tied_model_counts_lm_head(tiny_dir):
     assert roles.count("lm_head") == 1 and roles.count("embedding") == 1
     assert sum(r == "block_linear" for r in roles) == 4 * 7
     assert inv.num_layers == 4 and inv.hidden == 64 and inv.kv_dim == 2 * 16
+
+
+# ---- interleaving, per-pair ratios, quotability (pairs.py) --------------------------------------------------------
+
+def test_pair_ratios_and_median():
+    from losa_deploy.bench.pairs import median, pair_ratios
+
+    assert pair_ratios([2.0, 4.0, 6.0], [1.0, 2.0, 2.0]) == [2.0, 2.0, 3.0]
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    with pytest.raises(ValueError, match="same rounds"):
+        pair_ratios([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        pair_ratios([1.0], [0.0])
+
+
+def test_median_interval_order_statistics():
+    from losa_deploy.bench.pairs import median_interval
+
+    # n = 5: no pair of order statistics reaches 95%, so [min, max] with coverage 1 - 2 / 2^5
+    assert median_interval([5.0, 1.0, 4.0, 2.0, 3.0]) == (1.0, 5.0, 1 - 2 / 32)
+    # n = 9: [x_(2), x_(8)], coverage 1 - 2 (1 + 9) / 2^9 = 0.9609 >= 0.95 (x_(3)..x_(7) would be 0.820)
+    lo, hi, cov = median_interval([float(i) for i in range(1, 10)])
+    assert (lo, hi) == (2.0, 8.0) and cov == pytest.approx(1 - 2 * 10 / 512)
+    assert median_interval([7.0]) == (7.0, 7.0, 0.0)
+
+
+def test_ratio_stats_quotable_rule():
+    from losa_deploy.bench.pairs import ratio_stats
+
+    ok = ratio_stats([2.0, 2.1, 1.9, 2.05, 1.95])
+    assert ok["median"] == 2.0 and (ok["ci_low"], ok["ci_high"]) == (1.9, 2.1) and ok["min"] == 1.9 and ok["max"] == 2.1
+    assert ok["rel_width"] == pytest.approx(0.1) and ok["quotable"] and ok["reason"] is None and not ok["crosses_one"]
+    wide = ratio_stats([1.0, 1.5, 0.8, 1.2, 2.0])  # median 1.2, interval 0.8-2.0 = 100% of it
+    assert wide["median"] == 1.2 and wide["rel_width"] == pytest.approx(1.0) and wide["crosses_one"]
+    assert not wide["quotable"] and "spans 100% of the median" in wide["reason"]
+    few = ratio_stats([2.0, 2.0])
+    assert not few["quotable"] and "only 2 pair(s)" in few["reason"]
+    near = ratio_stats([0.9, 1.0, 1.1])  # 3 pairs, interval = min-max 0.9-1.1: 20% of the median, quotable
+    assert near["rel_width"] == pytest.approx(0.2) and near["quotable"] and near["crosses_one"]
+    assert not ratio_stats([0.8, 1.0, 1.25])["quotable"]  # 45% of the median
+
+
+def test_interleave_round_robin_with_fake_clock():
+    """Sides alternate A B A B; warm-up rounds are discarded; a failing side is dropped, the others go on."""
+    from losa_deploy.bench.pairs import interleave
+
+    now = [0.0]
+    order = []
+    cost = {"A": iter([9, 9, 1, 2, 3]), "B": iter([9, 9, 4, 5, 6])}
+
+    def call(name):
+        def fn():
+            order.append(name)
+            now[0] += next(cost[name])
+        return fn
+
+    def setup():
+        now[0] += 100.0  # untimed
+
+    got = interleave({"A": (setup, call("A")), "B": (None, call("B"))}, warmup=2, repeats=3, clock=lambda: now[0])
+    assert order == ["A", "B"] * 5
+    assert got == {"A": [1.0, 2.0, 3.0], "B": [4.0, 5.0, 6.0]}
+    n = {"k": 0}
+
+    def flaky():
+        n["k"] += 1
+        if n["k"] == 2:
+            raise RuntimeError("boom")
+
+    errors = []
+    order.clear()
+    cost["A"] = iter([1, 1, 1])
+    got = interleave({"C": (None, flaky), "A": (None, call("A"))}, warmup=0, repeats=3, clock=lambda: now[0],
+                     on_error=lambda k, e: errors.append((k, str(e))))
+    assert errors == [("C", "boom")] and list(got) == ["A"] and len(got["A"]) == 3
+    with pytest.raises(ZeroDivisionError):  # without on_error a failure propagates
+        interleave({"C": (None, lambda: 1 / 0)}, warmup=0, repeats=1)
+
+
+def _samples(xs, tokens=1):
+    d = summarize(xs).to_dict()
+    d.update(tokens=tokens, tokens_per_s=tokens / d["median_s"])
+    return d
+
+
+def test_speedups_pair_by_round_and_fastest_dense():
+    """The headline pairs sparse-cpu with the fastest dense side of each phase, round by round."""
+    suite = {"name": "model", "runtimes": {
+        # decode: ORT dense is the faster dense side; prefill: sparse-cpu on the dense model is
+        "onnxruntime": {"status": "ok", "dense": {"phases": {"decode": _samples([10.0, 12.0, 30.0]),
+                                                             "prefill_8": _samples([8.0, 8.0, 8.0])}}},
+        "sparse-cpu": {"status": "ok", "dense": {"phases": {"decode": _samples([20.0, 20.0, 20.0]),
+                                                            "prefill_8": _samples([6.0, 6.0, 6.0])}},
+                       "sparse": {"phases": {"decode": _samples([5.0, 12.0, 10.0]), "prefill_8": _samples([2.0, 3.0, 4.0])}}},
+    }}
+    s = R.finalize_suite(suite)
+    hl = "sparse-cpu vs fastest dense"
+    assert s["headline"] == hl
+    st = s["speedup_stats"][hl]
+    assert st["decode"]["base"] == "onnxruntime/dense" and st["prefill_8"]["base"] == "sparse-cpu/dense"
+    # per-round ratios 10/5, 12/12, 30/10 = 2, 1, 3: median 2 (the ratio of medians would be 12/10 = 1.2)
+    assert st["decode"]["ratios"] == [2.0, 1.0, 3.0] and s["speedups"][hl]["decode"] == 2.0
+    assert st["prefill_8"]["ratios"] == [3.0, 2.0, 1.5] and s["speedups"][hl]["prefill_8"] == 2.0
+    assert s["speedups"]["sparse-cpu vs onnxruntime dense"]["prefill_8"] == pytest.approx(8 / 3)
+    assert s["speedups"]["sparse-cpu vs sparse-cpu dense"]["decode"] == pytest.approx(20 / 10)
+    assert "deepsparse vs onnxruntime dense" not in s["speedups"]
+    # both headline phases span far more than 25% of their median: flagged, headline not quotable
+    assert not s["headline_quotable"]
+    assert any(f.startswith(f"{hl}: decode:") for f in s["flags"])
+    md = R.render_markdown({"suites": [s], "flags": [f"model: {f}" for f in s["flags"]]})
+    assert "WIDE" in md and "## Flags" in md and "[vs onnxruntime/dense]" in md
 
 
 # ---- report -----------------------------------------------------------------------------------------------------

@@ -20,11 +20,13 @@ from typing import Any, Callable, Sequence
 
 from ..errors import UserError
 
-CPU_RUNTIMES = ("torch", "onnxruntime", "deepsparse")
+CPU_RUNTIMES = ("torch", "onnxruntime", "deepsparse", "sparse-cpu")
 GPU_RUNTIMES = ("torch-cuda", "torch-2of4")
 ALL_RUNTIMES = CPU_RUNTIMES + GPU_RUNTIMES
 ONNX_RUNTIMES = ("onnxruntime", "deepsparse")  # run the exported deepsparse-format model.onnx
-_REQUIRES = {"onnxruntime": "onnxruntime", "deepsparse": "deepsparse", "torch": "torch", "torch-cuda": "torch", "torch-2of4": "torch"}
+_REQUIRES = {"onnxruntime": "onnxruntime", "deepsparse": "deepsparse", "torch": "torch", "torch-cuda": "torch", "torch-2of4": "torch",
+             "sparse-cpu": "losa_deploy.sparse_cpu"}
+SPARSE_CPU = "sparse-cpu"  # our own sparse CPU runtime (losa_deploy/sparse_cpu): packed export dir `<model>/sparse-cpu`
 
 
 @dataclass
@@ -104,7 +106,25 @@ def check_same_architecture(sparse_cfg: dict[str, Any], dense_cfg: dict[str, Any
                         "pass the model the sparse one was compressed from")
 
 
+def sparse_cpu_available() -> tuple[bool, str]:
+    """sparse-cpu runs when its kernel library builds (gcc, from source, cached) and its runtime is importable."""
+    try:
+        from ..sparse_cpu import _lib
+    except ImportError as e:
+        return False, f"losa_deploy.sparse_cpu is not available in this install ({e})"
+    try:
+        _lib.load()
+    except Exception as e:  # no gcc, a compile error: skip with the reason
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        return False, f"its kernel library did not build ({msg})"
+    if importlib.util.find_spec("losa_deploy.sparse_cpu.runtime") is None:
+        return False, "losa_deploy.sparse_cpu.runtime is not available in this install"
+    return True, ""
+
+
 def runtime_available(rt: str) -> tuple[bool, str]:
+    if rt == SPARSE_CPU:
+        return sparse_cpu_available()
     mod = _REQUIRES[rt]
     if importlib.util.find_spec(mod) is None:
         return False, f"{mod} is not installed (pip install {mod})"
@@ -209,6 +229,46 @@ def ensure_deepsparse_export(model_dir: Path, cache: Path, *, max_len: int, thre
     return cache
 
 
+def ensure_sparse_cpu_export(model_dir: Path, cache: Path, *, max_len: int, threads: int) -> Path:
+    """The model's sparse-cpu export: `<model_dir>/sparse-cpu` if complete, else exported (verified) into `cache`.
+
+    The sparse model is packed from its explicit masks (sparsity_masks.safetensors); a model without masks (the dense
+    baseline) is exported as the exporter does for dense checkpoints. Reused by later runs."""
+    from ..sparse_cpu.runtime import is_export_dir
+
+    for cand in (model_dir / SPARSE_CPU, cache):
+        if is_export_dir(cand):
+            return cand
+    try:
+        from exporters.sparse_cpu_export import export_sparse_cpu
+    except ImportError as e:
+        raise UserError(f"cannot export '{model_dir}' for sparse-cpu: the exporter is not available ({e})")
+    from ..console import err
+
+    err.print(f"exporting {model_dir} -> {cache} (sparse-cpu format, once; cached)")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    export_sparse_cpu(str(model_dir), str(cache), max_len=max_len, threads=threads)
+    return cache
+
+
+def model_path_for(rt: str, var: str, model_dir: Path, exports: dict[str, Path], export_root: Path, settings: Any,
+                   threads: int, given: Path | None = None) -> Path:
+    """What runtime `rt` loads for this variant: the deepsparse-format export (ORT, DeepSparse), the sparse-cpu
+    export, or the HF directory (torch). Exports are made once per suite and cached in `exports`."""
+    if rt in ONNX_RUNTIMES:
+        if var not in exports:
+            exports[var] = given or ensure_deepsparse_export(model_dir, export_root / var / "deepsparse",
+                                                             max_len=needed_max_len(settings), threads=threads)
+        return exports[var]
+    if rt == SPARSE_CPU:
+        key = f"{SPARSE_CPU}/{var}"
+        if key not in exports:
+            exports[key] = ensure_sparse_cpu_export(model_dir, export_root / var / SPARSE_CPU,
+                                                    max_len=needed_max_len(settings), threads=threads)
+        return exports[key]
+    return model_dir
+
+
 def make_factory(path: Path, runtime: str, threads: int) -> Callable[[int, int], Any]:
     from ..runners import make_runner
 
@@ -231,7 +291,7 @@ def latency_suite(
 
     from ..console import err
     from .bounds import bounds_for, inventory_from_dir
-    from .latency import bench_phases
+    from .latency import Side, bench_sides
 
     inv = {"dense": inventory_from_dir(dense_dir), "sparse": inventory_from_dir(sparse_dir)}
     cfg = json.loads((dense_dir / "config.json").read_text())
@@ -243,36 +303,51 @@ def latency_suite(
     suite["bounds"] = {var: bounds_for(inv[var], sparse=var == "sparse", prompt_lens=settings.prompt_lens,
                                        decode_past=settings.decode_past, flops_per_s=rates["flops_per_s"],
                                        bytes_per_s=rates["bytes_per_s"]) for var in ("dense", "sparse")}
+    if SPARSE_CPU in runtimes:
+        suite["bounds"][SPARSE_CPU] = bounds_for(inv["sparse"], sparse=True, packed=True, prompt_lens=settings.prompt_lens,
+                                                 decode_past=settings.decode_past, flops_per_s=rates["flops_per_s"],
+                                                 bytes_per_s=rates["bytes_per_s"])
     suite["machine_rates"] = rates
     exports: dict[str, Path] = {}
     for rt, why in skipped.items():
         suite["runtimes"][rt] = {"status": "skipped", "note": why}
+    sides: list[Side] = []
+    for rt in runtimes:
+        for var, model_dir in (("dense", dense_dir), ("sparse", sparse_dir)):
+            try:
+                path = model_path_for(rt, var, model_dir, exports, export_root, settings, threads,
+                                      dense_export if var == "dense" else sparse_export)
+            except UserError:
+                raise
+            except Exception as e:  # an export that fails for one runtime: reported, the others still run
+                note = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                err.print(f"[yellow]warning:[/yellow] {rt} {var} not measured on {name}: {note}")
+                e_rt = suite["runtimes"].setdefault(rt, {"status": "ok"})
+                e_rt["note"] = "; ".join(x for x in (e_rt.get("note"), f"{var}: {note}") if x)
+                continue
+            sides.append(Side(rt, var, make_factory(path, rt, threads)))
+            suite["runtimes"].setdefault(rt, {"status": "ok"})[f"{var}_path"] = str(path)
     cols = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*cols, console=err, disable=not progress, transient=True) as prog:
         task = prog.add_task(name, total=None)
-        for rt in runtimes:
-            res: dict[str, Any] = {"status": "ok"}
-            try:
-                for var, model_dir in (("dense", dense_dir), ("sparse", sparse_dir)):
-                    if rt in ONNX_RUNTIMES:
-                        if var not in exports:
-                            given = dense_export if var == "dense" else sparse_export
-                            exports[var] = given or ensure_deepsparse_export(model_dir, export_root / var / "deepsparse",
-                                                                             max_len=needed_max_len(settings), threads=threads)
-                        path = exports[var]
-                    else:
-                        path = model_dir
-                    fac = make_factory(path, rt, threads)
-                    res[var] = bench_phases(fac, settings, vocab,
-                                            on_step=lambda m, rt=rt, var=var: prog.update(task, description=f"{name}: {rt} {var}: {m}"))
-                    res[var]["model_path"] = str(path)
-            except UserError:
-                raise
-            except Exception as e:  # a runtime failing on this model is reported, the others still run
-                err.print(f"[yellow]warning:[/yellow] {rt} failed on {name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-                res = {"status": "error", "note": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", **{k: v for k, v in res.items() if k in ("dense", "sparse")}}
-            suite["runtimes"][rt] = res
-    suite["exports"] = {k: str(v) for k, v in exports.items()}
+        got = bench_sides(sides, settings, vocab, on_step=lambda m: prog.update(task, description=f"{name}: {m}"))
+    for sd in sides:
+        r = got[sd.key]
+        entry = suite["runtimes"][sd.runtime]
+        path = entry.pop(f"{sd.variant}_path", None)
+        if r["status"] == "ok":
+            r.pop("status")
+            entry[sd.variant] = {**r, "model_path": path}
+        else:
+            err.print(f"[yellow]warning:[/yellow] {sd.key} failed on {name}: {r['note'][:200]}")
+            entry["note"] = "; ".join(x for x in (entry.get("note"), f"{sd.variant}: {r['note']}") if x)
+    for rt in runtimes:  # ok: both variants measured; partial: one; error: none
+        entry = suite["runtimes"].get(rt)
+        if entry is not None:
+            n = sum(var in entry for var in ("dense", "sparse"))
+            entry["status"] = "ok" if n == 2 else "partial" if n == 1 else "error"
+    suite["exports"] = {k: str(v) for k, v in exports.items() if "/" not in k}
+    suite["sparse_cpu_exports"] = {k.split("/")[1]: str(v) for k, v in exports.items() if k.startswith(SPARSE_CPU + "/")}
     from .report import finalize_suite
 
     return finalize_suite(suite)
@@ -380,8 +455,9 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
     rep["models"] = {"dense": model_facts(dense_dir, opts.baseline, inv_d), "sparse": model_facts(sparse_dir, str(sparse_dir), inv_s)}
     bs = block_sparsity(sparse_dir, inv_s)
     rep["models"]["sparse"]["block_sparsity"] = bs
-    rep["notes"].append("figures are medians over repeats after warm-up; speed-up = dense median / sparse median; "
-                        "peak RSS is the whole process's high-water mark while that runtime ran")
+    rep["notes"].append("figures are medians over repeats after warm-up; peak RSS is the whole process's high-water "
+                        "mark during the suite (all runtimes of a shape are loaded together); load_rss_bytes is the "
+                        "resident growth when that side's runner was built")
     if skipped:
         rep["notes"] += [f"runtime {k} skipped: {v}" for k, v in skipped.items()]
     if not opts.skip_latency and runtimes:
@@ -412,6 +488,14 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
             rep["suites"].append(suite)
     if not opts.skip_accuracy:
         rep["accuracy"] = accuracy(opts, str(dense_dir) if opts.baseline is None else opts.baseline, sparse_dir, rep["notes"])
+    rep["flags"] = [f"{suite['name']}: {f}" for suite in rep["suites"] for f in suite.get("flags") or []]
+    if rep["suites"]:
+        from .pairs import MAX_REL_WIDTH, MIN_PAIRS
+
+        rep["notes"].append(f"speed-ups: dense and sparse repetitions interleaved round by round; each speed-up is the "
+                            f"median of per-round ratios with a distribution-free interval of that median; one is too wide "
+                            f"to quote (flagged) with < {MIN_PAIRS} pairs or an interval wider than "
+                            f"{100 * MAX_REL_WIDTH:.0f}% of the median")
     paths = write_report(rep, out_dir, bs)
     for t in rich_tables(rep):
         out.print(t)
