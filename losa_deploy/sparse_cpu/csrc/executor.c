@@ -6,6 +6,8 @@
  *   x += W_o a;  xn = RMSNorm(x) * w_mlp;  x += W_down (SiLU(W_gate xn) * W_up xn)
  * then RMSNorm(x) * w_final, and optionally lm_head. Matches transformers' eager Llama math in fp32.
  * Only portable C here: the instruction-set-specific work is in the kernels, which dispatch at run time.
+ * Threads: the kernels' own pool (sp_parallel) also runs the attention heads; the library has no OpenMP runtime,
+ * only `omp simd` hints (-fopenmp-simd).
  */
 #include "executor.h"
 
@@ -13,9 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <time.h>
 
 static __thread char g_err[256];
 
@@ -38,11 +38,9 @@ typedef struct spx_ctx {
 } spx_ctx;
 
 static double now(void) {
-#ifdef _OPENMP
-    return omp_get_wtime();
-#else
-    return 0.0;
-#endif
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 static int check_matrix(const sp_matrix *w, int64_t rows, int64_t cols, const char *what) {
@@ -127,7 +125,7 @@ void *spx_create(const spx_model *m) {
     c->att = malloc(sizeof(float) * T * c->qd);
     int64_t gu_w = 2 * f > c->qkv_rows ? 2 * f : c->qkv_rows; /* also scratch for unfused q/k/v */
     c->gu = malloc(sizeof(float) * T * gu_w);
-    c->act = malloc(sizeof(float) * T * f);
+    c->act = malloc(sizeof(float) * T * gu_w); /* also scratch for unfused gate/up */
     c->scores = malloc(sizeof(float) * c->nthreads_alloc * c->scores_stride);
     if (!c->x || !c->xn || !c->tmp || !c->qkv || !c->att || !c->gu || !c->act || !c->scores) {
         spx_free(c);
@@ -195,71 +193,95 @@ static int linear(spx_ctx *c, const sp_matrix *w, const float *x, int64_t t, flo
     return rc;
 }
 
-/* out[t][rows_a + rows_b ...]: run the separate matrices and interleave their rows into one [t][total] buffer. */
+/* Several matrices sharing the input (unfused q, k, v or gate, up) in one pool dispatch; their rows are laid out
+ * side by side in y [t][total]. With t > 1 the kernels write [t][rows_i] blocks into scratch, copied into place. */
 static int linear_split(spx_ctx *c, const sp_matrix *const *ws, int n, const float *x, int64_t t, float *y,
                         int64_t total, float *scratch) {
+    float *outs[4];
     int64_t off = 0;
     for (int i = 0; i < n; i++) {
-        const sp_matrix *w = ws[i];
-        if (t == 1) {
-            int rc = linear(c, w, x, 1, y + off);
-            if (rc) return rc;
-        } else {
-            int rc = linear(c, w, x, t, scratch);
-            if (rc) return rc;
-            for (int64_t r = 0; r < t; r++) memcpy(y + r * total + off, scratch + r * w->rows, sizeof(float) * w->rows);
+        outs[i] = t == 1 ? y + off : scratch + off * t;
+        off += ws[i]->rows;
+    }
+    double t0 = c->profile ? now() : 0.0;
+    int rc = t == 1 ? sp_gemv_batch(n, ws, x, outs) : sp_gemm_batch(n, ws, x, t, outs);
+    if (c->profile) c->prof[SPX_T_LINEAR] += now() - t0;
+    if (rc) {
+        snprintf(g_err, sizeof g_err, "sparse kernel batch returned %d", rc);
+        return rc;
+    }
+    if (t > 1) {
+        off = 0;
+        for (int i = 0; i < n; i++) {
+            for (int64_t r = 0; r < t; r++) memcpy(y + r * total + off, outs[i] + r * ws[i]->rows, sizeof(float) * ws[i]->rows);
+            off += ws[i]->rows;
         }
-        off += w->rows;
     }
     return 0;
 }
 
+typedef struct attn_job {
+    spx_ctx *c;
+    int64_t layer, t, pos;
+} attn_job;
+
+/* One (head, token) pair: softmax(q K^T * scale) V over keys 0..pos+i (causal), fp32 throughout. */
+static void attend_one(spx_ctx *c, int64_t layer, int64_t pos, int64_t h, int64_t i, float *s) {
+    const spx_model *m = c->m;
+    const int64_t hd = m->head_dim, KV = m->n_kv_heads, L = m->max_len, kvh = h / (m->n_heads / KV);
+    const float *K = m->k_cache + ((layer * KV + kvh) * L) * hd;
+    const float *V = m->v_cache + ((layer * KV + kvh) * L) * hd;
+    const float *q = c->qkv + i * c->qkv_rows + h * hd;
+    const float scale = m->attn_scale;
+    const int64_t n = pos + i + 1;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+        const float *kj = K + j * hd;
+        float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+        for (int64_t e = 0; e < hd; e++) d += q[e] * kj[e];
+        d *= scale;
+        s[j] = d;
+        if (d > mx) mx = d;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    const float inv = 1.0f / sum;
+    float *o = c->att + i * c->qd + h * hd;
+    for (int64_t e = 0; e < hd; e++) o[e] = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        const float *vj = V + j * hd;
+        const float p = s[j] * inv;
+#pragma omp simd
+        for (int64_t e = 0; e < hd; e++) o[e] += p * vj[e];
+    }
+}
+
+/* Pool worker: a strided share of the (head, token) pairs, balanced because later tokens see more keys. */
+static void attn_part(void *arg, int part, int nparts) {
+    attn_job *j = arg;
+    spx_ctx *c = j->c;
+    const int64_t H = c->m->n_heads, work = H * j->t;
+    float *s = c->scores + (int64_t)part * c->scores_stride;
+    for (int64_t w = part; w < work; w += nparts) attend_one(c, j->layer, j->pos, w % H, w / H, s);
+}
+
 /* Causal grouped-query attention for t new tokens at positions pos.. (their K/V already in the cache). */
 static void attention(spx_ctx *c, int64_t layer, int64_t t, int64_t pos) {
-    const spx_model *m = c->m;
-    const int64_t hd = m->head_dim, H = m->n_heads, KV = m->n_kv_heads, group = H / KV, L = m->max_len;
-    const float *kc = m->k_cache + layer * KV * L * hd;
-    const float *vc = m->v_cache + layer * KV * L * hd;
-    const float scale = m->attn_scale;
-    int nt = max_threads();
-    if (nt > c->nthreads_alloc) nt = c->nthreads_alloc;
-    int64_t work = H * t;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (work > 1 && nt > 1)
-    for (int64_t w = 0; w < work; w++) {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
-        int64_t h = w % H, i = w / H, kvh = h / group;
-        int64_t n = pos + i + 1; /* keys 0..pos+i */
-        const float *q = c->qkv + i * c->qkv_rows + h * hd;
-        const float *K = kc + kvh * L * hd, *V = vc + kvh * L * hd;
-        float *s = c->scores + (int64_t)tid * c->scores_stride;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
-            const float *kj = K + j * hd;
-            float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-            for (int64_t e = 0; e < hd; e++) d += q[e] * kj[e];
-            d *= scale;
-            s[j] = d;
-            if (d > mx) mx = d;
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            s[j] = expf(s[j] - mx);
-            sum += s[j];
-        }
-        float inv = 1.0f / sum;
-        float *o = c->att + i * c->qd + h * hd;
-        for (int64_t e = 0; e < hd; e++) o[e] = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            const float *vj = V + j * hd;
-            float p = s[j] * inv;
-#pragma omp simd
-            for (int64_t e = 0; e < hd; e++) o[e] += p * vj[e];
-        }
+    attn_job j = {c, layer, t, pos};
+    int64_t work = c->m->n_heads * t;
+    int parts = max_threads();
+    if (parts > c->nthreads_alloc) parts = c->nthreads_alloc;
+    if (parts > work) parts = (int)work;
+    /* a decode step's attention is a few microseconds of work per layer until the cache is long */
+    if (parts <= 1 || (t == 1 && pos < 64)) {
+        attn_part(&j, 0, 1);
+        return;
     }
+    sp_parallel(attn_part, &j, parts);
 }
 
 int spx_forward(void *ctx, const int64_t *ids, int64_t t, int64_t pos, float *hidden_out, float *logits_out,
