@@ -234,11 +234,16 @@ def ensure_sparse_cpu_export(model_dir: Path, cache: Path, *, max_len: int, thre
 
     The sparse model is packed from its explicit masks (sparsity_masks.safetensors); a model without masks (the dense
     baseline) is exported as the exporter does for dense checkpoints. Reused by later runs."""
-    from ..sparse_cpu.runtime import is_export_dir
+    from ..sparse_cpu.runtime import FORMAT, WEIGHTS_FILE
 
     for cand in (model_dir / SPARSE_CPU, cache):
-        if is_export_dir(cand):
-            return cand
+        man = cand / "export_manifest.json"
+        if man.is_file() and (cand / WEIGHTS_FILE).is_file():
+            try:
+                if json.loads(man.read_text()).get("format") == FORMAT:
+                    return cand
+            except ValueError:
+                pass
     try:
         from exporters.sparse_cpu_export import export_sparse_cpu
     except ImportError as e:
@@ -247,7 +252,9 @@ def ensure_sparse_cpu_export(model_dir: Path, cache: Path, *, max_len: int, thre
 
     err.print(f"exporting {model_dir} -> {cache} (sparse-cpu format, once; cached)")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    export_sparse_cpu(str(model_dir), str(cache), max_len=max_len, threads=threads)
+    ml = max(max_len, 24)  # the export verifies a prompt of max_len - 8 tokens in chunks of prefill_len
+    export_sparse_cpu(str(model_dir), str(cache), prefill_len=min(128, ml // 2), max_len=ml, threads=threads,
+                      overwrite=True)
     return cache
 
 
@@ -278,6 +285,59 @@ def make_factory(path: Path, runtime: str, threads: int) -> Callable[[int, int],
         return make_runner(str(path), rt, prefill_len=prefill_len, max_len=max_len, threads=threads, device=device)
 
     return factory
+
+
+def kernel_timing(sparse_dir: Path, export_dir: Path | None, measured: dict[str, Any] | None, settings: Any,
+                  threads: int, rates: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """sparse-cpu's per-linear kernel times against their own bounds (kernels.py), and the share of a measured
+    decode step they account for. A failure is reported in the suite, not fatal."""
+    from ..console import err
+    from .kernels import time_linears
+
+    try:
+        with err.status("sparse-cpu kernels per linear", spinner="dots") if progress else _nullctx():
+            k = time_linears(sparse_dir, export_dir=export_dir, threads=threads, prompt_len=settings.prompt_lens[0],
+                             bytes_per_s=rates["bytes_per_s"], flops_per_s=rates["flops_per_s"],
+                             repeats=max(3, settings.repeats))
+    except Exception as e:
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        err.print(f"[yellow]warning:[/yellow] sparse-cpu kernel timing failed: {msg}")
+        return {"error": msg}
+    dec = ((measured or {}).get("phases") or {}).get("decode")
+    if dec and k["total"].get("decode") and dec.get("tokens"):
+        step_s = dec["median_s"] / dec["tokens"]
+        k["total"]["decode"]["share_of_step"] = k["total"]["decode"]["median_s"] / step_s
+    return k
+
+
+def _nullctx() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".bin")
+MEMORY_SHARE = 0.7  # all runners of a shape live together (interleaving): refuse if they would need more than this
+
+
+def side_bytes(path: Path) -> int:
+    """Weight bytes a runner of `path` holds resident (what its directory stores; masks excluded)."""
+    return sum(f.stat().st_size for f in Path(path).iterdir()
+               if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES) and f.name != "sparsity_masks.safetensors")
+
+
+def check_memory(paths: dict[str, Path], name: str) -> dict[str, int]:
+    """{side: bytes}; a UserError when the runners of one shape would not fit in the available memory together."""
+    import psutil
+
+    need = {k: side_bytes(p) for k, p in paths.items()}
+    avail = int(psutil.virtual_memory().available)
+    if need and sum(need.values()) > MEMORY_SHARE * avail:
+        big = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in sorted(need.items(), key=lambda kv: -kv[1]))
+        raise UserError(f"{name}: the runners measured together (interleaved) need ~{sum(need.values()) / 2**30:.1f} GiB "
+                        f"of weights ({big} GiB) but {avail / 2**30:.1f} GiB is available: pass fewer --runtimes "
+                        "(e.g. --runtimes onnxruntime,sparse-cpu) or fewer --blocks")
+    return need
 
 
 # ---- one latency suite ------------------------------------------------------------------------------------------
@@ -327,6 +387,7 @@ def latency_suite(
                 continue
             sides.append(Side(rt, var, make_factory(path, rt, threads)))
             suite["runtimes"].setdefault(rt, {"status": "ok"})[f"{var}_path"] = str(path)
+    sizes = check_memory({sd.key: Path(suite["runtimes"][sd.runtime][f"{sd.variant}_path"]) for sd in sides}, name)
     cols = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*cols, console=err, disable=not progress, transient=True) as prog:
         task = prog.add_task(name, total=None)
@@ -337,10 +398,13 @@ def latency_suite(
         path = entry.pop(f"{sd.variant}_path", None)
         if r["status"] == "ok":
             r.pop("status")
-            entry[sd.variant] = {**r, "model_path": path}
+            entry[sd.variant] = {**r, "model_path": path, "weight_bytes": sizes.get(sd.key)}
         else:
             err.print(f"[yellow]warning:[/yellow] {sd.key} failed on {name}: {r['note'][:200]}")
             entry["note"] = "; ".join(x for x in (entry.get("note"), f"{sd.variant}: {r['note']}") if x)
+    if SPARSE_CPU in runtimes:
+        suite["kernels"] = kernel_timing(sparse_dir, exports.get(f"{SPARSE_CPU}/sparse"), got.get(f"{SPARSE_CPU}/sparse"),
+                                         settings, threads, rates, progress)
     for rt in runtimes:  # ok: both variants measured; partial: one; error: none
         entry = suite["runtimes"].get(rt)
         if entry is not None:
@@ -499,6 +563,12 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
     paths = write_report(rep, out_dir, bs)
     for t in rich_tables(rep):
         out.print(t)
+    from .report import headline_lines
+
+    for line in headline_lines(rep):
+        out.print(f"headline speed-up, {line}", soft_wrap=True)
+    for f in rep["flags"]:
+        out.print(f"[yellow]flag:[/yellow] too wide to quote: {f}", soft_wrap=True)
     return rep, paths
 
 

@@ -385,6 +385,18 @@ def rich_tables(rep: dict[str, Any]) -> list[Any]:
     return tables
 
 
+def headline_lines(rep: dict[str, Any]) -> list[str]:
+    """One line per suite: its headline speed-up per phase with interval, marked WIDE when not quotable."""
+    out = []
+    for suite in rep.get("suites", []):
+        hl = suite.get("headline")
+        if not hl:
+            continue
+        stats = (suite.get("speedup_stats") or {}).get(hl, {})
+        out.append(f"{suite['name']}: {hl}: " + ", ".join(f"{ph} {_xs(st)}{_base_note(st, hl)}" for ph, st in stats.items()))
+    return out
+
+
 def accuracy_rows(rep: dict[str, Any]) -> list[list[str]]:
     acc = rep.get("accuracy") or {}
     rows = []
@@ -587,6 +599,7 @@ def compare_reports(reports: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, 
                 "report": label, "suite": suite["name"],
                 "sparsity": suite.get("sparsity", sp_model.get("sparsity")),
                 "comparison": hl, "speedups": (suite.get("speedups") or {}).get(hl, {}) if hl else {},
+                "quotable": suite.get("headline_quotable"),
                 "perplexity_dense": (ppl.get("dense") or {}).get("perplexity"),
                 "perplexity_sparse": (ppl.get("sparse") or {}).get("perplexity"),
             })
@@ -607,7 +620,8 @@ def compare_table_rows(cmp: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     rows = []
     for r in cmp["rows"]:
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        rows.append([r["report"], r["suite"], _pct(None if r["sparsity"] is None else 100 * r["sparsity"]), r["comparison"] or "-"]
+        comp = (r["comparison"] or "-") + (" (WIDE)" if r.get("quotable") is False else "")
+        rows.append([r["report"], r["suite"], _pct(None if r["sparsity"] is None else 100 * r["sparsity"]), comp]
                     + [_x(r["speedups"].get(p)) for p in phases] + [f(r["perplexity_dense"]), f(r["perplexity_sparse"])])
     return header, rows
 
