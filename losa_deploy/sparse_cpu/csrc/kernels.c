@@ -1,0 +1,702 @@
+/* losa-deploy sparse-cpu kernels: y = W x (decode) and Y = X W^T (prefill) for dense, bitmask and N:M weights.
+ *
+ * Three code paths, chosen at run time (never -march=native): AVX-512 and AVX2 functions carry a target attribute,
+ * the portable one is plain C. All paths compute the same canonical sums, so they agree bit for bit on finite data:
+ *   gemv: 16 lane accumulators per row (lane b sums columns 16 g + b over the groups g in order, one fused
+ *         multiply-add each), then the fixed tree s8[i] = a[i] + a[i+8], s4 = s8[i] + s8[i+4], s2 = s4[i] + s4[i+2],
+ *         y = s2[0] + s2[1];
+ *   gemm: one fused multiply-add chain per output element over the kept columns in increasing order.
+ * Work is split over output rows (balanced by bytes, aligned to the row interleave) on the pool of pool.c, so the
+ * result does not depend on the thread count either.
+ */
+#define _GNU_SOURCE
+#include "spkernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sppool.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define SP_X86 1
+#else
+#define SP_X86 0
+#endif
+
+#define ROW_ALIGN 4          /* row interleave of the SIMD gemv kernels; thread splits are multiples of it */
+#define TT 64                /* tokens per tile of the transposed X in the SIMD gemm kernels */
+#define MAX_PARTS 256
+#define MIN_PAR_BYTES 49152  /* below this much weight data a gemv runs on the calling thread only */
+
+static inline int64_t groups_of(const sp_matrix *w) { return (w->cols + 15) / 16; }
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* thread-local scratch of the calling thread (padded x, transposed X)                                          */
+
+static __thread float *tl_buf;
+static __thread size_t tl_cap;
+
+static float *scratch(size_t nfloats) {
+    if (nfloats > tl_cap) {
+        free(tl_buf);
+        size_t cap = nfloats + nfloats / 4 + 64;
+        void *p = NULL;
+        if (posix_memalign(&p, 64, cap * sizeof(float)) != 0) {
+            tl_buf = NULL;
+            tl_cap = 0;
+            return NULL;
+        }
+        tl_buf = p;
+        tl_cap = cap;
+    }
+    return tl_buf;
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* portable path                                                                                               */
+
+static float tree16(const float *a) {
+    float s8[8], s4[4], s2[2];
+    for (int i = 0; i < 8; i++) s8[i] = a[i] + a[i + 8];
+    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+    for (int i = 0; i < 2; i++) s2[i] = s4[i] + s4[i + 2];
+    return s2[0] + s2[1];
+}
+
+static void gemv_dense_portable(const sp_matrix *w, const float *x, float *y, int64_t r0, int64_t r1) {
+    const float *W = (const float *)w->values;
+    int64_t cols = w->cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *wr = W + r * cols;
+        float acc[16] = {0};
+        for (int64_t k = 0; k < cols; k++) acc[k & 15] = fmaf(wr[k], x[k], acc[k & 15]);
+        y[r] = tree16(acc);
+    }
+}
+
+static void gemv_sparse_portable(const sp_matrix *w, const float *x, float *y, int64_t r0, int64_t r1) {
+    const float *V = (const float *)w->values;
+    int64_t G = groups_of(w);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *mr = w->masks + r * G;
+        const float *v = V + w->row_ptr[r];
+        float acc[16] = {0};
+        for (int64_t g = 0; g < G; g++) {
+            unsigned m = mr[g];
+            const float *xg = x + 16 * g;
+            while (m) {
+                int b = __builtin_ctz(m);
+                m &= m - 1;
+                acc[b] = fmaf(*v++, xg[b], acc[b]);
+            }
+        }
+        y[r] = tree16(acc);
+    }
+}
+
+static void gemm_dense_portable(const sp_matrix *w, const float *x, const float *xt, int64_t T, float *y,
+                                int64_t r0, int64_t r1) {
+    (void)xt;
+    const float *W = (const float *)w->values;
+    int64_t cols = w->cols, rows = w->rows;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *wr = W + r * cols;
+        for (int64_t t = 0; t < T; t++) {
+            const float *xr = x + t * cols;
+            float acc = 0.0f;
+            for (int64_t k = 0; k < cols; k++) acc = fmaf(wr[k], xr[k], acc);
+            y[t * rows + r] = acc;
+        }
+    }
+}
+
+static void gemm_sparse_portable(const sp_matrix *w, const float *x, const float *xt, int64_t T, float *y,
+                                 int64_t r0, int64_t r1) {
+    (void)xt;
+    const float *V = (const float *)w->values;
+    int64_t G = groups_of(w), cols = w->cols, rows = w->rows;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *mr = w->masks + r * G;
+        for (int64_t t = 0; t < T; t++) {
+            const float *xr = x + t * cols;
+            const float *v = V + w->row_ptr[r];
+            float acc = 0.0f;
+            for (int64_t g = 0; g < G; g++) {
+                unsigned m = mr[g];
+                while (m) {
+                    int b = __builtin_ctz(m);
+                    m &= m - 1;
+                    acc = fmaf(*v++, xr[16 * g + b], acc);
+                }
+            }
+            y[t * rows + r] = acc;
+        }
+    }
+}
+
+#if SP_X86
+/* ------------------------------------------------------------------------------------------------------------ */
+/* AVX2 path                                                                                                   */
+
+#define AVX2_ATTR __attribute__((target("avx2,fma,bmi,bmi2,popcnt")))
+
+static int32_t lut_perm[256][8];  /* lane b (bit b set) takes packed value popcount(mask & ((1 << b) - 1)) */
+static int32_t lut_bits[256][8];  /* -1 in lanes whose bit is set */
+static int32_t lut_first[9][8];   /* -1 in the first n lanes */
+
+__attribute__((constructor)) static void init_luts(void) {
+    for (int m = 0; m < 256; m++) {
+        int j = 0;
+        for (int b = 0; b < 8; b++) {
+            lut_perm[m][b] = (m >> b & 1) ? j++ : 0;
+            lut_bits[m][b] = (m >> b & 1) ? -1 : 0;
+        }
+    }
+    for (int n = 0; n <= 8; n++)
+        for (int b = 0; b < 8; b++) lut_first[n][b] = b < n ? -1 : 0;
+}
+
+AVX2_ATTR static inline float tree16_avx2(__m256 lo, __m256 hi) {
+    __m256 s8 = _mm256_add_ps(lo, hi);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    __m128 s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
+    return _mm_cvtss_f32(s1);
+}
+
+/* 8 packed values expanded into the lanes of an 8-bit mask (zero elsewhere); reads only popcount(m) floats */
+AVX2_ATTR static inline __m256 expand8_avx2(unsigned m, const float *v) {
+    __m256 p = _mm256_maskload_ps(v, _mm256_loadu_si256((const __m256i *)lut_first[__builtin_popcount(m)]));
+    p = _mm256_permutevar8x32_ps(p, _mm256_loadu_si256((const __m256i *)lut_perm[m]));
+    return _mm256_and_ps(p, _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)lut_bits[m])));
+}
+
+AVX2_ATTR static void gemv_dense_avx2(const sp_matrix *w, const float *x, float *y, int64_t r0, int64_t r1) {
+    const float *W = (const float *)w->values;
+    int64_t cols = w->cols, full = cols / 16, rem = cols % 16;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *wr = W + r * cols;
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        for (int64_t g = 0; g < full; g++) {
+            lo = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 16 * g), _mm256_loadu_ps(x + 16 * g), lo);
+            hi = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 16 * g + 8), _mm256_loadu_ps(x + 16 * g + 8), hi);
+        }
+        if (rem) {
+            const float *wg = wr + 16 * full, *xg = x + 16 * full;
+            int a = rem < 8 ? (int)rem : 8, b = rem > 8 ? (int)rem - 8 : 0;
+            __m256 wl = _mm256_maskload_ps(wg, _mm256_loadu_si256((const __m256i *)lut_first[a]));
+            __m256 wh = _mm256_maskload_ps(wg + 8, _mm256_loadu_si256((const __m256i *)lut_first[b]));
+            lo = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xg), lo);
+            hi = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xg + 8), hi);
+        }
+        y[r] = tree16_avx2(lo, hi);
+    }
+}
+
+AVX2_ATTR static void gemv_sparse_avx2(const sp_matrix *w, const float *x, float *y, int64_t r0, int64_t r1) {
+    const float *V = (const float *)w->values;
+    int64_t G = groups_of(w);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *mr = w->masks + r * G;
+        const float *v = V + w->row_ptr[r];
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            unsigned m = mr[g], ml = m & 255, mh = m >> 8;
+            __m256 wl = expand8_avx2(ml, v);
+            v += __builtin_popcount(ml);
+            __m256 wh = expand8_avx2(mh, v);
+            v += __builtin_popcount(mh);
+            lo = _mm256_fmadd_ps(wl, _mm256_loadu_ps(x + 16 * g), lo);
+            hi = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x + 16 * g + 8), hi);
+        }
+        y[r] = tree16_avx2(lo, hi);
+    }
+}
+
+static void store_tile_column(const float *acc, int64_t nt, float *y, int64_t rows, int64_t t0, int64_t r) {
+    for (int64_t t = 0; t < nt; t++) y[(t0 + t) * rows + r] = acc[t];
+}
+
+AVX2_ATTR static void gemm_dense_avx2(const sp_matrix *w, const float *x, const float *xt, int64_t T, float *y,
+                                      int64_t r0, int64_t r1) {
+    (void)x;
+    const float *W = (const float *)w->values;
+    int64_t cols = w->cols, rows = w->rows, kpad = groups_of(w) * 16, ntile = (T + TT - 1) / TT;
+    float acc[TT] __attribute__((aligned(64)));
+    for (int64_t tile = 0; tile < ntile; tile++) {
+        const float *xtt = xt + tile * kpad * TT;
+        int64_t nt = T - tile * TT < TT ? T - tile * TT : TT;
+        for (int64_t r = r0; r < r1; r++) {
+            const float *wr = W + r * cols;
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < cols; k++) {
+                __m256 wv = _mm256_broadcast_ss(wr + k);
+                const float *p = xtt + k * TT;
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(wv, _mm256_load_ps(p + 8 * i), a[i]);
+            }
+            for (int i = 0; i < 8; i++) _mm256_store_ps(acc + 8 * i, a[i]);
+            store_tile_column(acc, nt, y, rows, tile * TT, r);
+        }
+    }
+}
+
+AVX2_ATTR static void gemm_sparse_avx2(const sp_matrix *w, const float *x, const float *xt, int64_t T, float *y,
+                                       int64_t r0, int64_t r1) {
+    (void)x;
+    const float *V = (const float *)w->values;
+    int64_t G = groups_of(w), rows = w->rows, kpad = G * 16, ntile = (T + TT - 1) / TT;
+    float acc[TT] __attribute__((aligned(64)));
+    for (int64_t tile = 0; tile < ntile; tile++) {
+        const float *xtt = xt + tile * kpad * TT;
+        int64_t nt = T - tile * TT < TT ? T - tile * TT : TT;
+        for (int64_t r = r0; r < r1; r++) {
+            const uint16_t *mr = w->masks + r * G;
+            const float *v = V + w->row_ptr[r];
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < G; g++) {
+                unsigned m = mr[g];
+                const float *xg = xtt + g * 16 * TT;
+                while (m) {
+                    int b = __builtin_ctz(m);
+                    m &= m - 1;
+                    __m256 wv = _mm256_broadcast_ss(v++);
+                    const float *p = xg + b * TT;
+                    for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(wv, _mm256_load_ps(p + 8 * i), a[i]);
+                }
+            }
+            for (int i = 0; i < 8; i++) _mm256_store_ps(acc + 8 * i, a[i]);
+            store_tile_column(acc, nt, y, rows, tile * TT, r);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* AVX-512 path                                                                                                */
+
+#define AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,popcnt")))
+
+AVX512_ATTR static inline float tree16_avx512(__m512 a) {
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    __m128 s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
+    return _mm_cvtss_f32(s1);
+}
+
+AVX512_ATTR static void gemv_dense_avx512(const sp_matrix *w, const float *x, float *y, int64_t r0, int64_t r1) {
+    const float *W = (const float *)w->values;
+    int64_t cols = w->cols, full = cols / 16, rem = cols % 16;
+    __mmask16 tail = (__mmask16)((1u << rem) - 1);
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const float *w0 = W + r * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t g = 0; g < full; g++) {
+            __m512 xv = _mm512_loadu_ps(x + 16 * g);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + 16 * g), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + 16 * g), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + 16 * g), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + 16 * g), xv, a3);
+        }
+        if (rem) {
+            __m512 xv = _mm512_loadu_ps(x + 16 * full);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + 16 * full), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + 16 * full), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + 16 * full), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + 16 * full), xv, a3);
+        }
+        y[r] = tree16_avx512(a0);
+        y[r + 1] = tree16_avx512(a1);
+        y[r + 2] = tree16_avx512(a2);
+        y[r + 3] = tree16_avx512(a3);
+    }
+    for (; r < r1; r++) {
+        const float *w0 = W + r * cols;
+        __m512 a0 = _mm512_setzero_ps();
+        for (int64_t g = 0; g < full; g++)
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + 16 * g), _mm512_loadu_ps(x + 16 * g), a0);
+        if (rem)
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + 16 * full), _mm512_loadu_ps(x + 16 * full), a0);
+        y[r] = tree16_avx512(a0);
+    }
+}
+
+AVX512_ATTR static void gemv_sparse_avx512(const sp_matrix *w, const float *x, float *y, int64_t r0, int64_t r1) {
+    const float *V = (const float *)w->values;
+    const int64_t *rp = w->row_ptr;
+    int64_t G = groups_of(w);
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const uint16_t *m0 = w->masks + r * G, *m1 = m0 + G, *m2 = m1 + G, *m3 = m2 + G;
+        const float *v0 = V + rp[r], *v1 = V + rp[r + 1], *v2 = V + rp[r + 2], *v3 = V + rp[r + 3];
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t g = 0; g < G; g++) {
+            __m512 xv = _mm512_loadu_ps(x + 16 * g);
+            unsigned k0 = m0[g], k1 = m1[g], k2 = m2[g], k3 = m3[g];
+            a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)k0, v0), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)k1, v1), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)k2, v2), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)k3, v3), xv, a3);
+            v0 += __builtin_popcount(k0);
+            v1 += __builtin_popcount(k1);
+            v2 += __builtin_popcount(k2);
+            v3 += __builtin_popcount(k3);
+        }
+        y[r] = tree16_avx512(a0);
+        y[r + 1] = tree16_avx512(a1);
+        y[r + 2] = tree16_avx512(a2);
+        y[r + 3] = tree16_avx512(a3);
+    }
+    for (; r < r1; r++) {
+        const uint16_t *m0 = w->masks + r * G;
+        const float *v0 = V + rp[r];
+        __m512 a0 = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            unsigned k0 = m0[g];
+            a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps((__mmask16)k0, v0), _mm512_loadu_ps(x + 16 * g), a0);
+            v0 += __builtin_popcount(k0);
+        }
+        y[r] = tree16_avx512(a0);
+    }
+}
+
+AVX512_ATTR static void gemm_dense_avx512(const sp_matrix *w, const float *x, const float *xt, int64_t T, float *y,
+                                          int64_t r0, int64_t r1) {
+    (void)x;
+    const float *W = (const float *)w->values;
+    int64_t cols = w->cols, rows = w->rows, kpad = groups_of(w) * 16, ntile = (T + TT - 1) / TT;
+    float acc[TT] __attribute__((aligned(64)));
+    for (int64_t tile = 0; tile < ntile; tile++) {
+        const float *xtt = xt + tile * kpad * TT;
+        int64_t nt = T - tile * TT < TT ? T - tile * TT : TT;
+        for (int64_t r = r0; r < r1; r++) {
+            const float *wr = W + r * cols;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t k = 0; k < cols; k++) {
+                __m512 wv = _mm512_set1_ps(wr[k]);
+                const float *p = xtt + k * TT;
+                a0 = _mm512_fmadd_ps(wv, _mm512_load_ps(p), a0);
+                a1 = _mm512_fmadd_ps(wv, _mm512_load_ps(p + 16), a1);
+                a2 = _mm512_fmadd_ps(wv, _mm512_load_ps(p + 32), a2);
+                a3 = _mm512_fmadd_ps(wv, _mm512_load_ps(p + 48), a3);
+            }
+            _mm512_store_ps(acc, a0);
+            _mm512_store_ps(acc + 16, a1);
+            _mm512_store_ps(acc + 32, a2);
+            _mm512_store_ps(acc + 48, a3);
+            store_tile_column(acc, nt, y, rows, tile * TT, r);
+        }
+    }
+}
+
+AVX512_ATTR static void gemm_sparse_avx512(const sp_matrix *w, const float *x, const float *xt, int64_t T, float *y,
+                                           int64_t r0, int64_t r1) {
+    (void)x;
+    const float *V = (const float *)w->values;
+    int64_t G = groups_of(w), rows = w->rows, kpad = G * 16, ntile = (T + TT - 1) / TT;
+    float acc[TT] __attribute__((aligned(64)));
+    for (int64_t tile = 0; tile < ntile; tile++) {
+        const float *xtt = xt + tile * kpad * TT;
+        int64_t nt = T - tile * TT < TT ? T - tile * TT : TT;
+        for (int64_t r = r0; r < r1; r++) {
+            const uint16_t *mr = w->masks + r * G;
+            const float *v = V + w->row_ptr[r];
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t g = 0; g < G; g++) {
+                unsigned m = mr[g];
+                const float *xg = xtt + g * 16 * TT;
+                while (m) {
+                    int b = __builtin_ctz(m);
+                    m &= m - 1;
+                    __m512 wv = _mm512_set1_ps(*v++);
+                    const float *p = xg + b * TT;
+                    a0 = _mm512_fmadd_ps(wv, _mm512_load_ps(p), a0);
+                    a1 = _mm512_fmadd_ps(wv, _mm512_load_ps(p + 16), a1);
+                    a2 = _mm512_fmadd_ps(wv, _mm512_load_ps(p + 32), a2);
+                    a3 = _mm512_fmadd_ps(wv, _mm512_load_ps(p + 48), a3);
+                }
+            }
+            _mm512_store_ps(acc, a0);
+            _mm512_store_ps(acc + 16, a1);
+            _mm512_store_ps(acc + 32, a2);
+            _mm512_store_ps(acc + 48, a3);
+            store_tile_column(acc, nt, y, rows, tile * TT, r);
+        }
+    }
+}
+#endif /* SP_X86 */
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* dispatch                                                                                                    */
+
+typedef void (*gemv_fn)(const sp_matrix *, const float *, float *, int64_t, int64_t);
+typedef void (*gemm_fn)(const sp_matrix *, const float *, const float *, int64_t, float *, int64_t, int64_t);
+
+static int g_isa = SP_ISA_PORTABLE;
+
+int sp_cpu_supports(int isa) {
+    if (isa == SP_ISA_PORTABLE) return 1;
+#if SP_X86
+    __builtin_cpu_init();
+    if (isa == SP_ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                   __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+    if (isa == SP_ISA_AVX512)
+        return sp_cpu_supports(SP_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq");
+#endif
+    return 0;
+}
+
+static int best_isa(void) {
+    if (sp_cpu_supports(SP_ISA_AVX512)) return SP_ISA_AVX512;
+    if (sp_cpu_supports(SP_ISA_AVX2)) return SP_ISA_AVX2;
+    return SP_ISA_PORTABLE;
+}
+
+int sp_set_isa(int isa) {
+    if (isa == SP_ISA_AUTO) {
+        g_isa = best_isa();
+        return 0;
+    }
+    if (isa < SP_ISA_PORTABLE || isa > SP_ISA_AVX512 || !sp_cpu_supports(isa)) return -1;
+    g_isa = isa;
+    return 0;
+}
+
+int sp_get_isa(void) { return g_isa; }
+
+__attribute__((constructor)) static void init_isa(void) {
+    g_isa = best_isa();
+    const char *e = getenv("LOSA_SPARSE_ISA");
+    if (!e || !*e || !strcmp(e, "auto")) return;
+    if (!strcmp(e, "portable")) sp_set_isa(SP_ISA_PORTABLE);
+    else if (!strcmp(e, "avx2")) sp_set_isa(SP_ISA_AVX2);
+    else if (!strcmp(e, "avx512")) sp_set_isa(SP_ISA_AVX512);
+}
+
+const char *sp_isa_name(int isa) {
+    switch (isa) {
+    case SP_ISA_PORTABLE: return "portable";
+    case SP_ISA_AVX2: return "avx2";
+    case SP_ISA_AVX512: return "avx512";
+    default: return "auto";
+    }
+}
+
+static gemv_fn pick_gemv(int isa, int kind) {
+    int sparse = kind != SP_DENSE;
+#if SP_X86
+    if (isa == SP_ISA_AVX512) return sparse ? gemv_sparse_avx512 : gemv_dense_avx512;
+    if (isa == SP_ISA_AVX2) return sparse ? gemv_sparse_avx2 : gemv_dense_avx2;
+#endif
+    (void)isa;
+    return sparse ? gemv_sparse_portable : gemv_dense_portable;
+}
+
+static gemm_fn pick_gemm(int isa, int kind) {
+    int sparse = kind != SP_DENSE;
+#if SP_X86
+    if (isa == SP_ISA_AVX512) return sparse ? gemm_sparse_avx512 : gemm_dense_avx512;
+    if (isa == SP_ISA_AVX2) return sparse ? gemm_sparse_avx2 : gemm_dense_avx2;
+#endif
+    (void)isa;
+    return sparse ? gemm_sparse_portable : gemm_dense_portable;
+}
+
+void sp_set_threads(int n) { sp_pool_set_threads(n); }
+int sp_get_threads(void) { return sp_pool_threads(); }
+void sp_set_spin(int us) { sp_pool_set_spin(us); }
+int sp_get_spin(void) { return sp_pool_spin(); }
+const char *sp_version(void) { return "losa-sparse-cpu 0.1"; }
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* validation, work split, entry points                                                                        */
+
+static int check_matrix(const sp_matrix *w) {
+    if (!w || !w->values) return SP_EINVAL;
+    if (w->rows < 0 || w->cols < 1) return SP_ESHAPE;
+    if (w->dtype != SP_F32) return SP_EDTYPE;
+    if (w->kind == SP_DENSE) return 0;
+    if (w->kind != SP_BITMASK && w->kind != SP_NM) return SP_EKIND;
+    if (!w->masks || !w->row_ptr) return SP_EINVAL;
+    if (w->kind == SP_NM && (!(w->m == 4 || w->m == 8) || w->n < 1 || w->n > w->m || w->cols % w->m)) return SP_ENM;
+    return 0;
+}
+
+/* bytes a kernel streams for rows [0, r) */
+static double cost_upto(const sp_matrix *w, int64_t r) {
+    if (w->kind == SP_DENSE) return (double)r * (double)(w->cols * 4 + 16);
+    return (double)w->row_ptr[r] * 4.0 + (double)r * (double)(groups_of(w) * 2 + 16);
+}
+
+typedef struct {
+    int nmat;
+    const sp_matrix *const *w;
+    float *const *y;
+    const float *x;   /* gemv: padded x; gemm: X as given */
+    const float *xt;  /* gemm, SIMD paths: transposed tiles */
+    int64_t T;
+    int isa;
+    int gemm;
+    int bmat[MAX_PARTS + 1];
+    int64_t brow[MAX_PARTS + 1];
+} job_t;
+
+static void split(job_t *j, int nparts, double total) {
+    j->bmat[0] = 0;
+    j->brow[0] = 0;
+    j->bmat[nparts] = j->nmat - 1;
+    j->brow[nparts] = j->w[j->nmat - 1]->rows;
+    int mi = 0;
+    double before = 0.0;
+    for (int p = 1; p < nparts; p++) {
+        double target = total * p / nparts;
+        while (mi < j->nmat - 1 && before + cost_upto(j->w[mi], j->w[mi]->rows) <= target) {
+            before += cost_upto(j->w[mi], j->w[mi]->rows);
+            mi++;
+        }
+        const sp_matrix *w = j->w[mi];
+        int64_t lo = 0, hi = w->rows; /* largest r with cost_upto(r) <= target - before */
+        while (lo < hi) {
+            int64_t mid = (lo + hi + 1) / 2;
+            if (cost_upto(w, mid) <= target - before) lo = mid;
+            else hi = mid - 1;
+        }
+        int64_t r = (lo + ROW_ALIGN / 2) / ROW_ALIGN * ROW_ALIGN;
+        if (r > w->rows) r = w->rows;
+        if (mi < j->bmat[p - 1] || (mi == j->bmat[p - 1] && r < j->brow[p - 1])) {
+            j->bmat[p] = j->bmat[p - 1];
+            j->brow[p] = j->brow[p - 1];
+        } else {
+            j->bmat[p] = mi;
+            j->brow[p] = r;
+        }
+    }
+}
+
+static void run_part(void *arg, int p, int nparts) {
+    (void)nparts;
+    job_t *j = arg;
+    for (int i = j->bmat[p]; i <= j->bmat[p + 1] && i < j->nmat; i++) {
+        const sp_matrix *w = j->w[i];
+        int64_t r0 = i == j->bmat[p] ? j->brow[p] : 0;
+        int64_t r1 = i == j->bmat[p + 1] ? j->brow[p + 1] : w->rows;
+        if (r1 <= r0) continue;
+        if (j->gemm) pick_gemm(j->isa, w->kind)(w, j->x, j->xt, j->T, j->y[i], r0, r1);
+        else pick_gemv(j->isa, w->kind)(w, j->x, j->y[i], r0, r1);
+    }
+}
+
+static int check_batch(int n, const sp_matrix *const *w, const float *x, float *const *y) {
+    if (n < 1 || !w || !x || !y) return SP_EINVAL;
+    for (int i = 0; i < n; i++) {
+        int rc = check_matrix(w[i]);
+        if (rc) return rc;
+        if (!y[i]) return SP_EINVAL;
+        if (w[i]->cols != w[0]->cols) return SP_ESHAPE;
+    }
+    return 0;
+}
+
+static int nparts_for(double bytes, double min_bytes) {
+    int n = sp_pool_threads();
+    if (bytes < min_bytes) return 1;
+    return n > MAX_PARTS ? MAX_PARTS : n;
+}
+
+int sp_gemv_batch(int n, const sp_matrix *const *w, const float *x, float *const *y) {
+    int rc = check_batch(n, w, x, y);
+    if (rc) return rc;
+    int64_t cols = w[0]->cols, kpad = groups_of(w[0]) * 16;
+    float *xp = scratch((size_t)kpad);
+    if (!xp) return SP_ENOMEM;
+    memcpy(xp, x, (size_t)cols * sizeof(float));
+    memset(xp + cols, 0, (size_t)(kpad - cols) * sizeof(float));
+    job_t j;
+    j.nmat = n;
+    j.w = w;
+    j.y = y;
+    j.x = xp;
+    j.xt = NULL;
+    j.T = 1;
+    j.isa = g_isa;
+    j.gemm = 0;
+    double total = 0.0;
+    for (int i = 0; i < n; i++) total += cost_upto(w[i], w[i]->rows);
+    int np = nparts_for(total, MIN_PAR_BYTES);
+    split(&j, np, total);
+    sp_pool_run(run_part, &j, np);
+    return 0;
+}
+
+int sp_gemv(const sp_matrix *w, const float *x, float *y) { return sp_gemv_batch(1, &w, x, &y); }
+
+/* Xt[tile][k][TT]: X transposed per tile of TT tokens, zero beyond cols and beyond T */
+typedef struct {
+    const float *x;
+    float *xt;
+    int64_t T, cols, kpad, ntile;
+} tjob_t;
+
+static void transpose_part(void *arg, int p, int np) {
+    tjob_t *j = arg;
+    int64_t t0 = j->ntile * p / np, t1 = j->ntile * (p + 1) / np;
+    for (int64_t tile = t0; tile < t1; tile++) {
+        float *dst = j->xt + tile * j->kpad * TT;
+        memset(dst, 0, (size_t)(j->kpad * TT) * sizeof(float));
+        int64_t nt = j->T - tile * TT < TT ? j->T - tile * TT : TT;
+        for (int64_t k0 = 0; k0 < j->cols; k0 += 16) {
+            int64_t k1 = k0 + 16 < j->cols ? k0 + 16 : j->cols;
+            for (int64_t t = 0; t < nt; t++) {
+                const float *src = j->x + (tile * TT + t) * j->cols;
+                for (int64_t k = k0; k < k1; k++) dst[k * TT + t] = src[k];
+            }
+        }
+    }
+}
+
+int sp_gemm_batch(int n, const sp_matrix *const *w, const float *x, int64_t t, float *const *y) {
+    int rc = check_batch(n, w, x, y);
+    if (rc) return rc;
+    if (t < 0) return SP_ESHAPE;
+    if (t == 0) return 0;
+    job_t j;
+    j.nmat = n;
+    j.w = w;
+    j.y = y;
+    j.x = x;
+    j.xt = NULL;
+    j.T = t;
+    j.isa = g_isa;
+    j.gemm = 1;
+    if (g_isa != SP_ISA_PORTABLE) {
+        tjob_t tj;
+        tj.x = x;
+        tj.T = t;
+        tj.cols = w[0]->cols;
+        tj.kpad = groups_of(w[0]) * 16;
+        tj.ntile = (t + TT - 1) / TT;
+        tj.xt = scratch((size_t)(tj.ntile * tj.kpad * TT));
+        if (!tj.xt) return SP_ENOMEM;
+        sp_pool_run(transpose_part, &tj, tj.ntile < sp_pool_threads() ? (int)tj.ntile : sp_pool_threads());
+        j.xt = tj.xt;
+    }
+    double total = 0.0;
+    for (int i = 0; i < n; i++) total += cost_upto(w[i], w[i]->rows);
+    int np = nparts_for(total * (double)t, MIN_PAR_BYTES);
+    split(&j, np, total);
+    sp_pool_run(run_part, &j, np);
+    return 0;
+}
+
+int sp_gemm(const sp_matrix *w, const float *x, int64_t t, float *y) { return sp_gemm_batch(1, &w, x, t, &y); }
+
+void sp_parallel(sp_parallel_fn fn, void *arg, int nparts) {
+    if (!fn) return;
+    sp_pool_run(fn, arg, nparts);
+}
