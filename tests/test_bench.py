@@ -443,6 +443,17 @@ def test_option_parsing_errors():
     with pytest.raises(UserError, match="unknown runtime"):
         parse_runtimes("onnxruntime,tensorflow")
     assert parse_runtimes("onnxruntime,onnxruntime") == ["onnxruntime"]
+    from losa_deploy.bench import split_variants
+
+    rts = parse_runtimes("onnxruntime:dense,sparse-cpu,deepsparse:sparse,deepsparse:dense")
+    assert split_variants(rts) == (["onnxruntime", "sparse-cpu", "deepsparse"],
+                                   {"onnxruntime": ("dense",), "sparse-cpu": ("dense", "sparse"),
+                                    "deepsparse": ("dense", "sparse")})
+    assert split_variants(None) == (None, {})
+    with pytest.raises(UserError, match=":dense or :sparse"):
+        parse_runtimes("onnxruntime:both")
+    with pytest.raises(UserError, match="unknown runtime"):
+        parse_runtimes("tvm:dense")
 
 
 def test_bad_inputs_are_user_errors(tmp_path, tiny_dir):

@@ -73,14 +73,36 @@ def parse_int_list(text: str, flag: str) -> list[int]:
     return vals
 
 
+VARIANTS = ("dense", "sparse")
+
+
 def parse_runtimes(text: str | None) -> list[str] | None:
+    """Runtime names, each optionally limited to one model: `onnxruntime:dense` times only the dense model on ONNX
+    Runtime (saves memory and time where its sparse run is not needed, e.g. 7B shapes)."""
     if text is None:
         return None
     rts = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [r for r in rts if r not in ALL_RUNTIMES]
+    bad = [r for r in rts if r.partition(":")[0] not in ALL_RUNTIMES]
     if bad or not rts:
         raise UserError(f"unknown runtime '{','.join(bad) or text}': choose from {', '.join(ALL_RUNTIMES)}")
+    badv = [r for r in rts if ":" in r and r.partition(":")[2] not in VARIANTS]
+    if badv:
+        raise UserError(f"'{badv[0]}': a runtime may be limited to one model with :dense or :sparse")
     return list(dict.fromkeys(rts))
+
+
+def split_variants(rts: Sequence[str] | None) -> tuple[list[str] | None, dict[str, tuple[str, ...]]]:
+    """(runtime names, {runtime: variants to time}) from parse_runtimes' list; a bare name times both models."""
+    if rts is None:
+        return None, {}
+    names: list[str] = []
+    var: dict[str, set[str]] = {}
+    for r in rts:
+        name, _, v = r.partition(":")
+        if name not in names:
+            names.append(name)
+        var.setdefault(name, set()).update([v] if v else VARIANTS)
+    return names, {k: tuple(x for x in VARIANTS if x in v) for k, v in var.items()}
 
 
 def parse_tasks(tasks: str | None, task_data: Sequence[str]) -> dict[str, str | None]:
@@ -346,6 +368,7 @@ def latency_suite(
     name: str, description: str, dense_dir: Path, sparse_dir: Path, runtimes: Sequence[str], skipped: dict[str, str],
     settings: Any, threads: int, export_root: Path, rates: dict[str, Any], progress: bool,
     dense_export: Path | None = None, sparse_export: Path | None = None,
+    variants: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -374,6 +397,8 @@ def latency_suite(
     sides: list[Side] = []
     for rt in runtimes:
         for var, model_dir in (("dense", dense_dir), ("sparse", sparse_dir)):
+            if var not in (variants or {}).get(rt, VARIANTS):
+                continue
             try:
                 path = model_path_for(rt, var, model_dir, exports, export_root, settings, threads,
                                       dense_export if var == "dense" else sparse_export)
@@ -402,7 +427,7 @@ def latency_suite(
         else:
             err.print(f"[yellow]warning:[/yellow] {sd.key} failed on {name}: {r['note'][:200]}")
             entry["note"] = "; ".join(x for x in (entry.get("note"), f"{sd.variant}: {r['note']}") if x)
-    if SPARSE_CPU in runtimes:
+    if SPARSE_CPU in runtimes and "sparse" in (variants or {}).get(SPARSE_CPU, VARIANTS):
         suite["kernels"] = kernel_timing(sparse_dir, exports.get(f"{SPARSE_CPU}/sparse"), got.get(f"{SPARSE_CPU}/sparse"),
                                          settings, threads, rates, progress)
     for rt in runtimes:  # ok: both variants measured; partial: one; error: none
@@ -507,7 +532,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
     threads = resolve_threads(opts.threads)
     settings = LatencySettings(tuple(opts.prompt_lens), opts.decode_past, opts.decode_tokens, opts.gen_tokens, opts.batch,
                                opts.warmup, opts.repeats, opts.seed)
-    runtimes, skipped = ([], {}) if opts.skip_latency else select_runtimes(opts.runtimes)
+    names, variants = split_variants(opts.runtimes)
+    runtimes, skipped = ([], {}) if opts.skip_latency else select_runtimes(names)
     out_dir = Path(opts.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rep = new_report({"threads": threads, "latency": settings.to_dict(), "runtimes_requested": list(opts.runtimes) if opts.runtimes else None,
@@ -537,7 +563,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
         if not (opts.shapes and opts.skip_model_latency):
             rep["suites"].append(latency_suite(
                 "model", f"{sparse_dir.name} vs {opts.baseline} ({dense_cfg.get('model_type')}, {dense_cfg.get('num_hidden_layers')} blocks)",
-                dense_dir, sparse_dir, suites_rts, skipped, settings, threads, export_root / "model", rates, opts.progress))
+                dense_dir, sparse_dir, suites_rts, skipped, settings, threads, export_root / "model", rates, opts.progress,
+                variants=variants))
         if opts.shapes:
             lr: dict[str, float] | float = opts.sparsity if opts.sparsity is not None else linear_rates_from_model(sparse_dir)
             tag = f"{opts.shapes}-{opts.blocks}b-" + (f"s{opts.sparsity:g}" if opts.sparsity is not None else "rates")
@@ -547,7 +574,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
             suite = latency_suite(
                 f"shapes:{opts.shapes}x{opts.blocks}",
                 f"{opts.blocks} random decoder blocks with {opts.shapes} shapes, magnitude-pruned per row; {info['settings']['lm_head']}",
-                Path(info["dense_dir"]), Path(info["sparse_dir"]), suites_rts, skipped, settings, threads, shape_root / "exports", rates, opts.progress)
+                Path(info["dense_dir"]), Path(info["sparse_dir"]), suites_rts, skipped, settings, threads, shape_root / "exports", rates, opts.progress,
+                variants=variants)
             suite["shapes"] = info["settings"]
             rep["suites"].append(suite)
     if not opts.skip_accuracy:

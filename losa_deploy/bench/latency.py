@@ -83,6 +83,9 @@ def _ensure_decode(runner: Any) -> None:
     getattr(runner, "ensure_decode", lambda: None)()
 
 
+SIDE_GAP_S = 0.005  # untimed pause before each timed call: lets the previous runtime's spinning threads sleep
+
+
 @dataclass
 class Side:
     """One measured (runtime, model variant): its key in reports is `<runtime>/<variant>`."""
@@ -103,6 +106,7 @@ def bench_sides(
     *,
     on_step: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    gap_s: float = SIDE_GAP_S,
 ) -> dict[str, dict[str, Any]]:
     """Measure every phase on every side, interleaved round-robin (see pairs.py), same token ids for all sides.
 
@@ -147,7 +151,7 @@ def bench_sides(
     def run(phase: str, calls: dict[str, tuple[Any, Any]], tokens: int, warmup: int, extra: dict[str, Any]) -> None:
         step(phase)
         got = interleave({k: v for k, v in calls.items() if k in res and res[k]["status"] == "ok"},
-                         warmup=warmup, repeats=s.repeats, clock=clock, on_error=fail)
+                         warmup=warmup, repeats=s.repeats, clock=clock, on_error=fail, gap_s=gap_s)
         for k, samples in got.items():
             res[k]["phases"][phase] = _phase(summarize(samples, warmup), tokens, dict(extra))
 

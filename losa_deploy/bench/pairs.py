@@ -87,9 +87,12 @@ def interleave(
     repeats: int,
     clock: Callable[[], float] = time.perf_counter,
     on_error: Callable[[str, BaseException], None] | None = None,
+    gap_s: float = 0.0,
+    sleep: Callable[[float], Any] = time.sleep,
 ) -> dict[str, list[float]]:
     """Time every side round-robin: `warmup` discarded rounds, then `repeats` measured rounds, sides in the mapping's
-    order in every round. `calls[name] = (setup or None, fn)`; setup runs untimed before each call.
+    order in every round. `calls[name] = (setup or None, fn)`; setup runs untimed before each call, then an untimed
+    pause of `gap_s` (so that the previous side's spinning worker threads go to sleep: runtimes share the cores).
 
     Returns {name: [seconds per measured round]}, index i = round i for every side, so samples pair by index.
     A side that raises is dropped from the remaining rounds and left out of the result (`on_error(name, exc)` is
@@ -106,6 +109,8 @@ def interleave(
             try:
                 if setup is not None:
                     setup()
+                if gap_s > 0:
+                    sleep(gap_s)
                 t0 = clock()
                 fn()
                 dt = clock() - t0
