@@ -430,11 +430,14 @@ def latency_suite(
     if SPARSE_CPU in runtimes and "sparse" in (variants or {}).get(SPARSE_CPU, VARIANTS):
         suite["kernels"] = kernel_timing(sparse_dir, exports.get(f"{SPARSE_CPU}/sparse"), got.get(f"{SPARSE_CPU}/sparse"),
                                          settings, threads, rates, progress)
-    for rt in runtimes:  # ok: both variants measured; partial: one; error: none
+    for rt in runtimes:  # ok: every requested variant measured; partial: some; error: none
         entry = suite["runtimes"].get(rt)
         if entry is not None:
-            n = sum(var in entry for var in ("dense", "sparse"))
-            entry["status"] = "ok" if n == 2 else "partial" if n == 1 else "error"
+            want = (variants or {}).get(rt, VARIANTS)
+            n = sum(var in entry for var in want)
+            entry["status"] = "ok" if n == len(want) else "partial" if n else "error"
+            if len(want) < len(VARIANTS):
+                entry["variants"] = list(want)
     suite["exports"] = {k: str(v) for k, v in exports.items() if "/" not in k}
     suite["sparse_cpu_exports"] = {k.split("/")[1]: str(v) for k, v in exports.items() if k.startswith(SPARSE_CPU + "/")}
     from .report import finalize_suite
@@ -594,9 +597,9 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
     from .report import headline_lines
 
     for line in headline_lines(rep):
-        out.print(f"headline speed-up, {line}", soft_wrap=True)
+        out.print(f"headline speed-up, {line}", soft_wrap=True, markup=False)
     for f in rep["flags"]:
-        out.print(f"[yellow]flag:[/yellow] too wide to quote: {f}", soft_wrap=True)
+        out.print(f"flag: too wide to quote: {f}", soft_wrap=True, markup=False, style="yellow")
     return rep, paths
 
 

@@ -340,7 +340,7 @@ def kernel_rows(suite: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, phs in (k.get("linears") or {}).items():
         for ph, d in phs.items():
-            work = f"{d['bytes'] / 1e6:.1f} MB" if ph == "decode" else f"{d['flops'] / 1e9:.2f} GFLOP"
+            work = f"{d['bytes'] / 1e6:.2f} MB" if ph == "decode" else f"{d['flops'] / 1e9:.3f} GFLOP"
             rows.append([name, ph, f"{1000 * d['median_s']:.3f}", f"{1000 * d['bound_s']:.3f}",
                          _pct(d.get("percent_of_bound")), work, str(d.get("layers"))])
     return rows
@@ -355,20 +355,21 @@ ROW_HEADER = ["runtime", "phase", "dense ms (p90)", "sparse ms (p90)", "speed-up
 
 
 def rich_tables(rep: dict[str, Any]) -> list[Any]:
+    from rich.markup import escape
     from rich.table import Table
 
     tables = []
     for suite in rep.get("suites", []):
         t = Table(*ROW_HEADER, title=f"{suite['name']}: {suite.get('description', '')}", title_justify="left")
         for r in suite_rows(suite):
-            t.add_row(*r)
+            t.add_row(*[escape(c) for c in r])
         tables.append(t)
         hl = suite.get("headline")
         if hl:
             h = Table("phase", "speed-up (interval)", "min-max", "pairs", "dense side", title=f"headline ({suite['name']}): {hl}",
                       title_justify="left")
             for ph, st in (suite.get("speedup_stats") or {}).get(hl, {}).items():
-                h.add_row(ph, _xs(st), _minmax(st), str(st.get("pairs", "-")), st.get("base", "-"))
+                h.add_row(ph, _xs(st), _minmax(st), str(st.get("pairs", "-")), escape(st.get("base", "-")))
             tables.append(h)
         ks = kernel_rows(suite)
         if ks:
