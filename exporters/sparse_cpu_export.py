@@ -21,9 +21,9 @@ from losa_deploy.console import err
 from losa_deploy.errors import UserError
 
 from .common import base_manifest, check_model_dir, copy_tokenizer_and_config, load_source
-from .verify import compare, greedy, prompt_ids, torch_reference
+from .verify import LOGIT_ATOL_FP32, compare, greedy, prompt_ids, torch_reference
 
-LOGIT_ATOL = 1e-4  # fp32 values: the runtime must match PyTorch this closely (max |delta logit| on the prompt)
+LOGIT_ATOL = LOGIT_ATOL_FP32  # 1e-3, as the other fp32 exports: PyTorch fp32 itself moves ~2e-4 between thread counts
 VERIFY_TOKENS = 8
 MASKS_FILE = "sparsity_masks.safetensors"
 

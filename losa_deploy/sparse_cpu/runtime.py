@@ -152,23 +152,23 @@ def rope_tables(config: Any, max_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------- packing
-def pack_linear(w: np.ndarray, keep: np.ndarray | None, kind: str) -> dict[str, np.ndarray]:
-    """Arrays of one linear in the kernels' layout: "weight" for dense, else "masks", "row_ptr", "values".
+def pack_linear(w: np.ndarray, keep: np.ndarray | None, kind: str, n: int = 0, m: int = 0) -> dict[str, np.ndarray]:
+    """Arrays of one linear in the kernels' layout (sparse_cpu.pack): "weight" for dense, else "masks", "row_ptr",
+    "values" (kept values + pack.VALUE_PAD zeros). `keep` is the explicit mask; zeros in `w` never decide."""
+    from .pack import pack_bitmask, pack_nm
 
-    `keep` is the explicit mask (True = kept); zeros in `w` are never used to decide what is kept."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     if kind == "dense":
         return {"weight": w}
-    from .pack import pack_bitmask
-
-    p = pack_bitmask(w, keep)
-    return {"masks": p["masks"], "row_ptr": p["row_ptr"], "values": p["values"]}
+    p = pack_nm(w, keep, n, m) if kind == "nm" else pack_bitmask(w, keep)
+    return {"masks": p.masks, "row_ptr": p.row_ptr, "values": p.values}
 
 
 def unpack_keep(masks: np.ndarray, cols: int) -> np.ndarray:
     """The keep mask [rows, cols] a packed matrix encodes (bit b of masks[r, g] is column 16 g + b)."""
-    bits = (masks[:, :, None].astype(np.uint32) >> np.arange(16, dtype=np.uint32)) & 1
-    return bits.reshape(masks.shape[0], -1)[:, :cols].astype(bool)
+    from .pack import mask_from_bits
+
+    return mask_from_bits(masks, cols)
 
 
 def unpack_dense(arrs: dict[str, np.ndarray], rows: int, cols: int) -> np.ndarray:
@@ -177,7 +177,7 @@ def unpack_dense(arrs: dict[str, np.ndarray], rows: int, cols: int) -> np.ndarra
         return arrs["weight"]
     keep = unpack_keep(arrs["masks"], cols)
     w = np.zeros((rows, cols), np.float32)
-    w[keep] = arrs["values"]
+    w[keep] = arrs["values"][: int(arrs["row_ptr"][-1])]
     return w
 
 
@@ -260,7 +260,8 @@ def pack_model(state: dict[str, np.ndarray], config: Any, masks: dict[str, np.nd
         if keep is not None and keep.shape != w.shape:
             raise UserError(f"sparsity mask of '{name}' has shape {list(keep.shape)}, weight {list(w.shape)}")
         kind, n, m = choose_kind(keep, min_sparsity)
-        arrs = pack_linear(w if keep is None or kind != "dense" else np.where(keep, w, 0).astype(np.float32), keep, kind)
+        arrs = pack_linear(w if keep is None or kind != "dense" else np.where(keep, w, 0).astype(np.float32), keep,
+                           kind, n, m)
         for k, a in arrs.items():
             tensors[f"{name}.{k}"] = a
         layout[name] = {"kind": kind, "rows": int(w.shape[0]), "cols": int(w.shape[1]), "n": n, "m": m,
@@ -325,12 +326,15 @@ def _concat_rows(parts: list[dict[str, np.ndarray]], kinds: list[str]) -> dict[s
         return None
     if kinds[0] == "dense":
         return {"weight": np.concatenate([p["weight"] for p in parts], axis=0)}
+    from .pack import VALUE_PAD
+
     offs, rp = 0, [np.zeros(1, np.int64)]
     for p in parts:
         rp.append(p["row_ptr"][1:] + offs)
         offs += int(p["row_ptr"][-1])
+    vals = [p["values"][: int(p["row_ptr"][-1])] for p in parts] + [np.zeros(VALUE_PAD, np.float32)]
     return {"masks": np.ascontiguousarray(np.concatenate([p["masks"] for p in parts], axis=0)),
-            "row_ptr": np.concatenate(rp).astype(np.int64), "values": np.concatenate([p["values"] for p in parts])}
+            "row_ptr": np.concatenate(rp).astype(np.int64), "values": np.concatenate(vals)}
 
 
 class SparseCpuRunner:
@@ -412,9 +416,18 @@ class SparseCpuRunner:
         if kind == "dense":
             mat.values = _ptr(self._f32(arrs["weight"]))
         else:
+            from .pack import VALUE_PAD
+
             masks = np.ascontiguousarray(arrs["masks"], dtype=np.uint16)
             rp = np.ascontiguousarray(arrs["row_ptr"], dtype=np.int64)
-            vals = self._f32(arrs["values"])
+            if masks.shape != (rows, -(-cols // 16)) or rp.shape != (rows + 1,):
+                raise UserError(f"packed matrix {rows}x{cols}: masks {list(masks.shape)} / row_ptr {list(rp.shape)} "
+                                "do not match; re-export with --format sparse-cpu")
+            vals = arrs["values"]
+            nnz = int(rp[-1])
+            if vals.shape[0] < nnz + VALUE_PAD:  # the kernels may read up to VALUE_PAD floats past the last value
+                vals = np.concatenate([vals[:nnz], np.zeros(VALUE_PAD, np.float32)])
+            vals = self._f32(vals)
             self._keep += [masks, rp]
             mat.masks, mat.row_ptr, mat.values = _ptr(masks), _ptr(rp), _ptr(vals)
         return mat
