@@ -582,11 +582,24 @@ def test_bench_tiny_sparse_cpu(tiny_pair, tmp_path, monkeypatch):
     monkeypatch.setattr(B, "measure_peak_flops", lambda threads: {"flops_per_s": 5e10, "method": "stub"})
     monkeypatch.setattr(B, "measure_bandwidth", lambda threads=None: {"bytes_per_s": 1e10, "method": "stub"})
     monkeypatch.setattr(kernels, "MAX_FLUSH", 1 << 20)
+    from losa_deploy.bench import shapes
+
+    monkeypatch.setitem(shapes.SHAPES, "tiny", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                                     num_key_value_heads=4, full_layers=8, full_vocab=4096,
+                                                     rms_norm_eps=1e-5, rope_theta=1e4))
     dense, sparse = tiny_pair
     out = tmp_path / "bench"
     rep, paths = run_bench(BenchOptions(sparse_dir=sparse, baseline=str(dense), out=out, runtimes=["sparse-cpu"],
                                         threads=1, prompt_lens=(16,), decode_past=16, decode_tokens=4, gen_tokens=0,
-                                        warmup=0, repeats=3, skip_accuracy=True, progress=False))
+                                        warmup=0, repeats=3, skip_accuracy=True, progress=False,
+                                        shapes="tiny", blocks=1, sparsity=0.5))
+    assert [s["name"] for s in rep["suites"]] == ["model", "shapes:tinyx1"]
+    sh = rep["suites"][1]  # --shapes on sparse-cpu: the synthetic sparse checkpoint is packed from its masks
+    assert sh["runtimes"]["sparse-cpu"]["status"] == "ok", sh["runtimes"]["sparse-cpu"]
+    sh_man = json.loads((Path(sh["sparse_cpu_exports"]["sparse"]) / "export_manifest.json").read_text())
+    assert sh_man["masks_from"] == "sparsity_masks.safetensors"
+    assert {v["kind"] for v in sh_man["linears"].values()} == {"bitmask"}
+    assert sh["kernels"]["linears"]["mlp.up_proj"]["decode"]["sparsity"] == pytest.approx(0.5)
     suite = rep["suites"][0]
     sc = suite["runtimes"]["sparse-cpu"]
     assert sc["status"] == "ok", sc
