@@ -386,10 +386,6 @@ def latency_suite(
     suite["bounds"] = {var: bounds_for(inv[var], sparse=var == "sparse", prompt_lens=settings.prompt_lens,
                                        decode_past=settings.decode_past, flops_per_s=rates["flops_per_s"],
                                        bytes_per_s=rates["bytes_per_s"]) for var in ("dense", "sparse")}
-    if SPARSE_CPU in runtimes:
-        suite["bounds"][SPARSE_CPU] = bounds_for(inv["sparse"], sparse=True, packed=True, prompt_lens=settings.prompt_lens,
-                                                 decode_past=settings.decode_past, flops_per_s=rates["flops_per_s"],
-                                                 bytes_per_s=rates["bytes_per_s"])
     suite["machine_rates"] = rates
     exports: dict[str, Path] = {}
     for rt, why in skipped.items():
@@ -412,6 +408,15 @@ def latency_suite(
                 continue
             sides.append(Side(rt, var, make_factory(path, rt, threads)))
             suite["runtimes"].setdefault(rt, {"status": "ok"})[f"{var}_path"] = str(path)
+    if f"{SPARSE_CPU}/sparse" in exports:  # judged against the bytes its export really streams
+        from .kernels import linear_kinds
+
+        kept_dense = frozenset(f"{n}.weight" for n, info in linear_kinds(exports[f"{SPARSE_CPU}/sparse"]).items()
+                               if info.get("kind") == "dense")
+        suite["bounds"][SPARSE_CPU] = bounds_for(inv["sparse"], sparse=True, packed=True, prompt_lens=settings.prompt_lens,
+                                                 decode_past=settings.decode_past, flops_per_s=rates["flops_per_s"],
+                                                 bytes_per_s=rates["bytes_per_s"], dense_linears=kept_dense)
+        suite["bounds"][SPARSE_CPU]["decode"]["detail"]["linears_kept_dense"] = len(kept_dense)
     sizes = check_memory({sd.key: Path(suite["runtimes"][sd.runtime][f"{sd.variant}_path"]) for sd in sides}, name)
     cols = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*cols, console=err, disable=not progress, transient=True) as prog:

@@ -89,18 +89,19 @@ def packed_tensor_bytes(rows: int, cols: int, nnz: int, value_bytes: int = FP32)
 
 
 def decode_bytes(inv: WeightInventory, past: int, sparse: bool, value_bytes: int = FP32,
-                 packed: bool = False) -> dict[str, float]:
+                 packed: bool = False, dense_linears: frozenset[str] = frozenset()) -> dict[str, float]:
     """Bytes one decode step must move: weights (block linears + lm_head; one embedding row), KV cache, small tensors.
 
     `packed`: the block linears in sparse-cpu's packed format (`packed_tensor_bytes`), everything else dense (what
-    the sparse-cpu runtime streams); otherwise sparse tensors in the ideal bitmask encoding."""
+    the sparse-cpu runtime streams), except the weights named in `dense_linears` (the export kept them dense);
+    otherwise sparse tensors in the ideal bitmask encoding."""
     weights = 0
     for t in inv.tensors:
         if t.role == "embedding":
             weights += t.cols * value_bytes  # one row is gathered
         elif packed:
-            weights += (packed_tensor_bytes(t.rows, t.cols, t.nnz, value_bytes) if t.role == "block_linear"
-                        else t.numel * value_bytes)
+            weights += (packed_tensor_bytes(t.rows, t.cols, t.nnz, value_bytes)
+                        if t.role == "block_linear" and t.name not in dense_linears else t.numel * value_bytes)
         elif sparse:
             weights += sparse_tensor_bytes(t.numel, t.nnz, value_bytes)
         else:
@@ -131,8 +132,9 @@ def prefill_bound(inv: WeightInventory, prompt_len: int, sparse: bool, flops_per
     return Bound(f"prefill_{prompt_len}", f["total"], "FLOP", flops_per_s, f["total"] / flops_per_s, f)
 
 
-def decode_bound(inv: WeightInventory, past: int, sparse: bool, bytes_per_s: float, packed: bool = False) -> Bound:
-    b = decode_bytes(inv, past, sparse, packed=packed)
+def decode_bound(inv: WeightInventory, past: int, sparse: bool, bytes_per_s: float, packed: bool = False,
+                 dense_linears: frozenset[str] = frozenset()) -> Bound:
+    b = decode_bytes(inv, past, sparse, packed=packed, dense_linears=dense_linears)
     return Bound("decode", b["total"], "B", bytes_per_s, b["total"] / bytes_per_s, b)
 
 
@@ -261,11 +263,11 @@ def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5, threads: int 
 
 def bounds_for(
     inv: WeightInventory, *, sparse: bool, prompt_lens: Sequence[int], decode_past: int, flops_per_s: float, bytes_per_s: float,
-    packed: bool = False,
+    packed: bool = False, dense_linears: frozenset[str] = frozenset(),
 ) -> dict[str, dict[str, Any]]:
     """{phase: bound} for one model; `packed`: decode bytes of sparse-cpu's packed format (prefill FLOPs: non-zeros)."""
     out: dict[str, dict[str, Any]] = {}
     for p in prompt_lens:
         out[f"prefill_{p}"] = prefill_bound(inv, p, sparse or packed, flops_per_s).to_dict()
-    out["decode"] = decode_bound(inv, decode_past, sparse, bytes_per_s, packed=packed).to_dict()
+    out["decode"] = decode_bound(inv, decode_past, sparse, bytes_per_s, packed=packed, dense_linears=dense_linears).to_dict()
     return out
