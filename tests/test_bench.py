@@ -465,6 +465,26 @@ def test_bad_inputs_are_user_errors(tmp_path, tiny_dir):
         run_bench(BenchOptions(sparse_dir=tiny_dir, baseline=str(tiny_dir), out=tmp_path / "o", repeats=0))
 
 
+def test_memory_check_for_interleaved_runners(tmp_path, monkeypatch):
+    """All runners of a shape are alive together: their weights must fit in the available memory, else a UserError."""
+    import psutil
+
+    from losa_deploy.bench import check_memory, side_bytes
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, n in ((a, 3000), (b, 1000)):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * n)
+        (d / "sparsity_masks.safetensors").write_bytes(b"x" * 500)  # not loaded by runners
+        (d / "config.json").write_text("{}")
+    assert side_bytes(a) == 3000
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 10_000})())
+    assert check_memory({"x/dense": a, "y/sparse": b}, "model") == {"x/dense": 3000, "y/sparse": 1000}
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 5_000})())
+    with pytest.raises(UserError, match="pass fewer --runtimes"):
+        check_memory({"x/dense": a, "y/sparse": b}, "model")  # 4000 B > 70% of 5000 B
+
+
 # ---- synthetic 7B-shaped blocks (at tiny shapes) ----------------------------------------------------------------
 
 def test_shape_pair_builder(tmp_path, monkeypatch):
