@@ -17,9 +17,10 @@ def bench(
     sparse_dir: Optional[Path] = typer.Argument(None, help="The compressed model directory (output of 'compress'; 'export' output reused)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The dense model it came from: directory or alias (smollm2-135m)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report directory (default: <SPARSE_DIR>/bench)."),
-    runtimes: Optional[str] = typer.Option(None, "--runtimes", help="Comma list of torch,onnxruntime,deepsparse,sparse-cpu,torch-cuda,torch-2of4; "
-                                           "NAME:dense or NAME:sparse times only that model on it. Default: all installed "
-                                           "(missing ones skipped with a note); a requested missing one is an error."),
+    runtimes: Optional[str] = typer.Option(
+        None, "--runtimes", help="Comma list of torch,onnxruntime,deepsparse,sparse-cpu,torch-cuda,torch-2of4; "
+        "NAME:dense or NAME:sparse times only that model on it. Default: all installed "
+        "(missing ones skipped with a note); a requested missing one is an error."),
     prompt_lens: str = typer.Option("128,512", "--prompt-lens", help="Prefill prompt lengths (tokens)."),
     decode_past: int = typer.Option(256, "--decode-past", help="Tokens already in the cache when decode is timed."),
     decode_tokens: int = typer.Option(64, "--decode-tokens", help="Decode steps timed per repeat."),
@@ -49,7 +50,8 @@ def bench(
 
       losa-deploy bench runs/sparse70 --baseline smollm2-135m --runtimes onnxruntime,deepsparse --threads 2 --ppl-data wiki.test.raw
 
-      losa-deploy bench runs/sparse70 --baseline smollm2-135m --shapes llama-2-7b --blocks 2 --shapes-only --skip-accuracy --runtimes onnxruntime:dense,sparse-cpu
+      losa-deploy bench runs/sparse70 --baseline smollm2-135m --shapes llama-2-7b --blocks 2 --shapes-only
+      --skip-accuracy --runtimes onnxruntime:dense,sparse-cpu
 
       losa-deploy bench --compare runs/s50/bench/report.json --compare runs/s70/bench/report.json --out runs/compare
     """

@@ -340,7 +340,8 @@ def test_speedups_pair_by_round_and_fastest_dense():
                                                              "prefill_8": _samples([8.0, 8.0, 8.0])}}},
         "sparse-cpu": {"status": "ok", "dense": {"phases": {"decode": _samples([20.0, 20.0, 20.0]),
                                                             "prefill_8": _samples([6.0, 6.0, 6.0])}},
-                       "sparse": {"phases": {"decode": _samples([5.0, 12.0, 10.0]), "prefill_8": _samples([2.0, 3.0, 4.0])}}},
+                       "sparse": {"phases": {"decode": _samples([5.0, 12.0, 10.0]),
+                                             "prefill_8": _samples([2.0, 3.0, 4.0])}}},
     }}
     s = R.finalize_suite(suite)
     hl = "sparse-cpu vs fastest dense"

@@ -24,8 +24,8 @@ CPU_RUNTIMES = ("torch", "onnxruntime", "deepsparse", "sparse-cpu")
 GPU_RUNTIMES = ("torch-cuda", "torch-2of4")
 ALL_RUNTIMES = CPU_RUNTIMES + GPU_RUNTIMES
 ONNX_RUNTIMES = ("onnxruntime", "deepsparse")  # run the exported deepsparse-format model.onnx
-_REQUIRES = {"onnxruntime": "onnxruntime", "deepsparse": "deepsparse", "torch": "torch", "torch-cuda": "torch", "torch-2of4": "torch",
-             "sparse-cpu": "losa_deploy.sparse_cpu"}
+_REQUIRES = {"onnxruntime": "onnxruntime", "deepsparse": "deepsparse", "torch": "torch", "torch-cuda": "torch",
+             "torch-2of4": "torch", "sparse-cpu": "losa_deploy.sparse_cpu"}
 SPARSE_CPU = "sparse-cpu"  # our own sparse CPU runtime (losa_deploy/sparse_cpu): packed export dir `<model>/sparse-cpu`
 
 
@@ -356,7 +356,8 @@ def check_memory(paths: dict[str, Path], name: str) -> dict[str, int]:
     avail = int(psutil.virtual_memory().available)
     if need and sum(need.values()) > MEMORY_SHARE * avail:
         big = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in sorted(need.items(), key=lambda kv: -kv[1]))
-        raise UserError(f"{name}: the runners measured together (interleaved) need ~{sum(need.values()) / 2**30:.1f} GiB "
+        raise UserError(f"{name}: the runners measured together (interleaved) need "
+                        f"~{sum(need.values()) / 2**30:.1f} GiB "
                         f"of weights ({big} GiB) but {avail / 2**30:.1f} GiB is available: pass fewer --runtimes "
                         "(e.g. --runtimes onnxruntime,sparse-cpu) or fewer --blocks")
     return need
@@ -413,9 +414,9 @@ def latency_suite(
 
         kept_dense = frozenset(f"{n}.weight" for n, info in linear_kinds(exports[f"{SPARSE_CPU}/sparse"]).items()
                                if info.get("kind") == "dense")
-        suite["bounds"][SPARSE_CPU] = bounds_for(inv["sparse"], sparse=True, packed=True, prompt_lens=settings.prompt_lens,
-                                                 decode_past=settings.decode_past, flops_per_s=rates["flops_per_s"],
-                                                 bytes_per_s=rates["bytes_per_s"], dense_linears=kept_dense)
+        suite["bounds"][SPARSE_CPU] = bounds_for(
+            inv["sparse"], sparse=True, packed=True, prompt_lens=settings.prompt_lens, decode_past=settings.decode_past,
+            flops_per_s=rates["flops_per_s"], bytes_per_s=rates["bytes_per_s"], dense_linears=kept_dense)
         suite["bounds"][SPARSE_CPU]["decode"]["detail"]["linears_kept_dense"] = len(kept_dense)
     sizes = check_memory({sd.key: Path(suite["runtimes"][sd.runtime][f"{sd.variant}_path"]) for sd in sides}, name)
     cols = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -433,8 +434,8 @@ def latency_suite(
             err.print(f"[yellow]warning:[/yellow] {sd.key} failed on {name}: {r['note'][:200]}")
             entry["note"] = "; ".join(x for x in (entry.get("note"), f"{sd.variant}: {r['note']}") if x)
     if SPARSE_CPU in runtimes and "sparse" in (variants or {}).get(SPARSE_CPU, VARIANTS):
-        suite["kernels"] = kernel_timing(sparse_dir, exports.get(f"{SPARSE_CPU}/sparse"), got.get(f"{SPARSE_CPU}/sparse"),
-                                         settings, threads, rates, progress)
+        suite["kernels"] = kernel_timing(sparse_dir, exports.get(f"{SPARSE_CPU}/sparse"),
+                                         got.get(f"{SPARSE_CPU}/sparse"), settings, threads, rates, progress)
     for rt in runtimes:  # ok: every requested variant measured; partial: some; error: none
         entry = suite["runtimes"].get(rt)
         if entry is not None:
@@ -444,7 +445,8 @@ def latency_suite(
             if len(want) < len(VARIANTS):
                 entry["variants"] = list(want)
     suite["exports"] = {k: str(v) for k, v in exports.items() if "/" not in k}
-    suite["sparse_cpu_exports"] = {k.split("/")[1]: str(v) for k, v in exports.items() if k.startswith(SPARSE_CPU + "/")}
+    suite["sparse_cpu_exports"] = {k.split("/")[1]: str(v) for k, v in exports.items()
+                                   if k.startswith(SPARSE_CPU + "/")}
     from .report import finalize_suite
 
     return finalize_suite(suite)
@@ -571,8 +573,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
         if not (opts.shapes and opts.skip_model_latency):
             rep["suites"].append(latency_suite(
                 "model", f"{sparse_dir.name} vs {opts.baseline} ({dense_cfg.get('model_type')}, {dense_cfg.get('num_hidden_layers')} blocks)",
-                dense_dir, sparse_dir, suites_rts, skipped, settings, threads, export_root / "model", rates, opts.progress,
-                variants=variants))
+                dense_dir, sparse_dir, suites_rts, skipped, settings, threads, export_root / "model", rates,
+                opts.progress, variants=variants))
         if opts.shapes:
             lr: dict[str, float] | float = opts.sparsity if opts.sparsity is not None else linear_rates_from_model(sparse_dir)
             tag = f"{opts.shapes}-{opts.blocks}b-" + (f"s{opts.sparsity:g}" if opts.sparsity is not None else "rates")
@@ -582,8 +584,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
             suite = latency_suite(
                 f"shapes:{opts.shapes}x{opts.blocks}",
                 f"{opts.blocks} random decoder blocks with {opts.shapes} shapes, magnitude-pruned per row; {info['settings']['lm_head']}",
-                Path(info["dense_dir"]), Path(info["sparse_dir"]), suites_rts, skipped, settings, threads, shape_root / "exports", rates, opts.progress,
-                variants=variants)
+                Path(info["dense_dir"]), Path(info["sparse_dir"]), suites_rts, skipped, settings, threads,
+                shape_root / "exports", rates, opts.progress, variants=variants)
             suite["shapes"] = info["settings"]
             rep["suites"].append(suite)
     if not opts.skip_accuracy:
@@ -593,7 +595,8 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
         from .pairs import MAX_REL_WIDTH, MIN_PAIRS
 
         rep["notes"].append(f"speed-ups: dense and sparse repetitions interleaved round by round; each speed-up is the "
-                            f"median of per-round ratios with a distribution-free interval of that median; one is too wide "
+                            f"median of per-round ratios with a distribution-free interval of that median; one is "
+                            f"too wide "
                             f"to quote (flagged) with < {MIN_PAIRS} pairs or an interval wider than "
                             f"{100 * MAX_REL_WIDTH:.0f}% of the median")
     paths = write_report(rep, out_dir, bs)

@@ -262,12 +262,13 @@ def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5, threads: int 
 
 
 def bounds_for(
-    inv: WeightInventory, *, sparse: bool, prompt_lens: Sequence[int], decode_past: int, flops_per_s: float, bytes_per_s: float,
-    packed: bool = False, dense_linears: frozenset[str] = frozenset(),
+    inv: WeightInventory, *, sparse: bool, prompt_lens: Sequence[int], decode_past: int, flops_per_s: float,
+    bytes_per_s: float, packed: bool = False, dense_linears: frozenset[str] = frozenset(),
 ) -> dict[str, dict[str, Any]]:
     """{phase: bound} for one model; `packed`: decode bytes of sparse-cpu's packed format (prefill FLOPs: non-zeros)."""
     out: dict[str, dict[str, Any]] = {}
     for p in prompt_lens:
         out[f"prefill_{p}"] = prefill_bound(inv, p, sparse or packed, flops_per_s).to_dict()
-    out["decode"] = decode_bound(inv, decode_past, sparse, bytes_per_s, packed=packed, dense_linears=dense_linears).to_dict()
+    out["decode"] = decode_bound(inv, decode_past, sparse, bytes_per_s, packed=packed,
+                                 dense_linears=dense_linears).to_dict()
     return out

@@ -73,7 +73,8 @@ def ratio_stats(ratios: Sequence[float], *, min_pairs: int = MIN_PAIRS, max_rel_
     if len(ratios) < min_pairs:
         reasons.append(f"only {len(ratios)} pair(s), need >= {min_pairs}")
     if rel > max_rel_width:
-        reasons.append(f"interval {lo:.2f}-{hi:.2f}x spans {100 * rel:.0f}% of the median (> {100 * max_rel_width:.0f}%)")
+        reasons.append(f"interval {lo:.2f}-{hi:.2f}x spans {100 * rel:.0f}% of the median "
+                       f"(> {100 * max_rel_width:.0f}%)")
     return {"median": med, "min": min(ratios), "max": max(ratios), "ci_low": lo, "ci_high": hi, "ci_coverage": cov,
             "rel_width": rel, "rel_spread": (max(ratios) - min(ratios)) / med if med > 0 else math.inf,
             "pairs": len(ratios), "crosses_one": lo < 1.0 < hi, "quotable": not reasons,

@@ -366,8 +366,8 @@ def rich_tables(rep: dict[str, Any]) -> list[Any]:
         tables.append(t)
         hl = suite.get("headline")
         if hl:
-            h = Table("phase", "speed-up (interval)", "min-max", "pairs", "dense side", title=f"headline ({suite['name']}): {hl}",
-                      title_justify="left")
+            h = Table("phase", "speed-up (interval)", "min-max", "pairs", "dense side",
+                      title=f"headline ({suite['name']}): {hl}", title_justify="left")
             for ph, st in (suite.get("speedup_stats") or {}).get(hl, {}).items():
                 h.add_row(ph, _xs(st), _minmax(st), str(st.get("pairs", "-")), escape(st.get("base", "-")))
             tables.append(h)
@@ -394,7 +394,8 @@ def headline_lines(rep: dict[str, Any]) -> list[str]:
         if not hl:
             continue
         stats = (suite.get("speedup_stats") or {}).get(hl, {})
-        out.append(f"{suite['name']}: {hl}: " + ", ".join(f"{ph} {_xs(st)}{_base_note(st, hl)}" for ph, st in stats.items()))
+        out.append(f"{suite['name']}: {hl}: " + ", ".join(f"{ph} {_xs(st)}{_base_note(st, hl)}"
+                                                         for ph, st in stats.items()))
     return out
 
 
