@@ -204,6 +204,25 @@ def test_suite_speedups_headline_and_percent_of_bound():
     assert s["percent_of_bound"]["onnxruntime"]["dense"]["prefill_128"] == pytest.approx(50.0)
 
 
+def test_apply_rates_rederives_bounds_and_percentages():
+    """A second, higher machine-rate probe rescales every bound (work / rate) and the percentages built on them."""
+    ph = _phase(0.5, 128)
+    suite = {"runtimes": {"onnxruntime": {"status": "ok", "dense": {"phases": {"prefill_128": ph}}}},
+             "bounds": {"dense": {"prefill_128": {"work": 100.0, "unit": "FLOP", "rate": 1000.0, "seconds": 0.1},
+                                  "decode": {"work": 50.0, "unit": "B", "rate": 100.0, "seconds": 0.5}}},
+             "kernels": {"linears": {"mlp.up_proj": {"decode": {"bytes": 40.0, "median_s": 0.8, "bound_s": 0.4},
+                                                     "prefill_128": {"flops": 100.0, "median_s": 0.4, "bound_s": 0.1}}},
+                         "total": {"decode": {"median_s": 0.8, "bound_s": 0.4}}}}
+    R.apply_rates(suite, {"flops_per_s": 500.0, "bytes_per_s": 200.0})
+    assert suite["bounds"]["dense"]["prefill_128"]["seconds"] == pytest.approx(0.2)
+    assert suite["bounds"]["dense"]["decode"]["seconds"] == pytest.approx(0.25)
+    assert suite["percent_of_bound"]["onnxruntime"]["dense"]["prefill_128"] == pytest.approx(100 * 0.2 / 0.5)
+    up = suite["kernels"]["linears"]["mlp.up_proj"]
+    assert up["decode"]["bound_s"] == pytest.approx(0.2) and up["decode"]["percent_of_bound"] == pytest.approx(25.0)
+    assert up["prefill_128"]["percent_of_bound"] == pytest.approx(50.0)
+    assert suite["kernels"]["total"]["decode"]["percent_of_bound"] == pytest.approx(25.0)
+
+
 def test_bounds_hand_computed():
     t = [B.TensorInfo("model.layers.0.mlp.up_proj.weight", 4, 16, 16, "block_linear"),  # 75% sparse
          B.TensorInfo("lm_head.weight", 10, 16, 160, "lm_head"),

@@ -590,6 +590,22 @@ def run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
             rep["suites"].append(suite)
     if not opts.skip_accuracy:
         rep["accuracy"] = accuracy(opts, str(dense_dir) if opts.baseline is None else opts.baseline, sparse_dir, rep["notes"])
+    if rep["suites"]:  # probe again: a probe disturbed by another process reads low, never high; keep the higher
+        err.print(f"measuring machine peaks again ({threads} threads)")
+        fl2, bw2 = measure_peak_flops(threads), measure_bandwidth(threads=threads)
+        rates2 = dict(rep["machine_rates"])
+        later = " (second probe, after the suites)"
+        if fl2["flops_per_s"] > rates2["flops_per_s"]:
+            rates2.update(flops_per_s=fl2["flops_per_s"], flops_method=fl2["method"] + later)
+        if bw2["bytes_per_s"] > rates2["bytes_per_s"]:
+            rates2.update(bytes_per_s=bw2["bytes_per_s"], bandwidth_method=bw2["method"] + later)
+        rates2["probes"] = {"flops_per_s": [rep["machine_rates"]["flops_per_s"], fl2["flops_per_s"]],
+                            "bytes_per_s": [rep["machine_rates"]["bytes_per_s"], bw2["bytes_per_s"]]}
+        rep["machine_rates"] = rates2
+        from .report import apply_rates
+
+        for suite in rep["suites"]:
+            apply_rates(suite, rates2)
     rep["flags"] = [f"{suite['name']}: {f}" for suite in rep["suites"] for f in suite.get("flags") or []]
     if rep["suites"]:
         from .pairs import MAX_REL_WIDTH, MIN_PAIRS

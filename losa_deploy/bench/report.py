@@ -226,6 +226,29 @@ def compute_percent_of_bound(suite: dict[str, Any]) -> dict[str, dict[str, dict[
     return out
 
 
+def apply_rates(suite: dict[str, Any], rates: dict[str, Any]) -> dict[str, Any]:
+    """Re-derive every bound of a suite from new machine rates (bound = work / rate; prefill work in FLOP, decode in
+    bytes), including the per-linear kernel bounds, then its percentages."""
+    for bounds in (suite.get("bounds") or {}).values():
+        for b in bounds.values():
+            b["rate"] = rates["flops_per_s"] if b.get("unit") == "FLOP" else rates["bytes_per_s"]
+            b["seconds"] = b["work"] / b["rate"]
+    kern = suite.get("kernels") or {}
+    totals: dict[str, float] = {}
+    for phases in (kern.get("linears") or {}).values():
+        for ph, d in phases.items():
+            d["bound_s"] = d["bytes"] / rates["bytes_per_s"] if "bytes" in d else d["flops"] / rates["flops_per_s"]
+            d["percent_of_bound"] = 100.0 * d["bound_s"] / d["median_s"] if d["median_s"] > 0 else None
+            totals[ph] = totals.get(ph, 0.0) + d["bound_s"]
+    for ph, tot in (kern.get("total") or {}).items():
+        if ph in totals:
+            tot["bound_s"] = totals[ph]
+            tot["percent_of_bound"] = 100.0 * tot["bound_s"] / tot["median_s"] if tot["median_s"] > 0 else None
+    suite["machine_rates"] = rates
+    suite["percent_of_bound"] = compute_percent_of_bound(suite)
+    return suite
+
+
 def finalize_suite(suite: dict[str, Any]) -> dict[str, Any]:
     suite["speedup_stats"] = compute_speedup_stats(suite)
     suite["speedups"] = compute_speedups(suite)
