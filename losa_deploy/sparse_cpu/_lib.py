@@ -62,6 +62,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "sp_gemv_batch": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),
         "sp_gemm_batch": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                          ctypes.c_void_p]),
+        "sp_gemv_seq": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),
+        "sp_gemm_seq": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                       ctypes.c_void_p]),
         "sp_set_isa": (ctypes.c_int, [ctypes.c_int]),
         "sp_get_isa": (ctypes.c_int, []),
         "sp_cpu_supports": (ctypes.c_int, [ctypes.c_int]),
@@ -199,3 +202,28 @@ def gemm_batch(ws: Sequence["PackedMatrix"], x: np.ndarray) -> list[np.ndarray]:
     _keep, sp, yp = _batch_args(ws, outs)
     _check(lib.sp_gemm_batch(len(ws), sp, _ptr(x), x.shape[0], yp), "gemm_batch")
     return outs
+
+
+class CallSequence:
+    """n products on one input, called one after another from C (as the executor does), for timing.
+
+    Holds the ctypes arrays so that `run()` costs one foreign call however many matrices there are."""
+
+    def __init__(self, ws: Sequence["PackedMatrix"], x: np.ndarray) -> None:
+        self.lib = load()
+        self.ws = list(ws)
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.decode = self.x.ndim == 1
+        if self.x.shape[-1] != self.ws[0].cols:
+            raise UserError(f"sequence input: expected {self.ws[0].cols} columns, got shape {self.x.shape}")
+        shape = (lambda w: (w.rows,)) if self.decode else (lambda w: (self.x.shape[0], w.rows))
+        self.outs = [np.empty(shape(w), dtype=np.float32) for w in self.ws]
+        self._keep, self._sp, self._yp = _batch_args(self.ws, self.outs)
+
+    def run(self) -> None:
+        n = len(self.ws)
+        if self.decode:
+            rc = self.lib.sp_gemv_seq(n, self._sp, _ptr(self.x), self._yp)
+        else:
+            rc = self.lib.sp_gemm_seq(n, self._sp, _ptr(self.x), self.x.shape[0], self._yp)
+        _check(rc, "sequence")

@@ -73,12 +73,17 @@ int sp_get_spin(void);
 /* "portable", "avx2", "avx512" (or "auto" for anything else). */
 const char *sp_isa_name(int isa);
 
-/* The same pool for the executor's own loops (attention heads, ...): runs fn(arg, p, nparts) for p < nparts
- * (the caller runs p = 0) and returns when all are done; nparts is capped at sp_get_threads() and fn gets the
- * actual count. The library is built WITHOUT -fopenmp (only
- * -fopenmp-simd), so `#pragma omp parallel` is ignored: use this instead. Must not be called from inside fn. */
+/* The same pool for the executor's own loops (attention heads, ...): runs fn(arg, p, nparts) once for every
+ * p < nparts and returns when all are done. Parts are claimed dynamically by the calling thread and the pool's
+ * workers (any part may run on any thread, so index scratch by part, not by thread). The library is built WITHOUT
+ * -fopenmp (only -fopenmp-simd), so `#pragma omp parallel` is ignored: use this instead. Not from inside fn. */
 typedef void (*sp_parallel_fn)(void *arg, int part, int nparts);
 void sp_parallel(sp_parallel_fn fn, void *arg, int nparts);
+
+/* n independent products one after another, each its own parallel dispatch, exactly as an executor calls them
+ * (stops at the first error). For timing the per-call cost without an interpreter in the loop. */
+int sp_gemv_seq(int n, const sp_matrix *const *w, const float *x, float *const *y);
+int sp_gemm_seq(int n, const sp_matrix *const *w, const float *x, int64_t t, float *const *y);
 
 #ifdef __cplusplus
 }
