@@ -399,7 +399,7 @@ AVX512_ATTR static void gemv_sparse_avx512(const sp_matrix *w, const float *x, f
  * data-dependent branches but its trip count. The dense kernel shares the chunking and blocks 4 rows x 64 tokens
  * (16 accumulators; each Xt load feeds 4 FMAs). */
 #ifndef KC_GROUPS
-#define KC_GROUPS 16
+#define KC_GROUPS 8
 #endif
 #ifndef PF_ROWS
 #define PF_ROWS 1
@@ -427,16 +427,21 @@ static void *scratch2(size_t bytes) {
     return tl_buf2;
 }
 
-/* Yt[r - r0][t] -> y[(t0 + t) * rows + r] for t < nt, in 16 x 16 blocks */
-static void untranspose(const float *yt, int64_t r0, int64_t r1, int64_t nt, int64_t t0, float *y, int64_t rows) {
+/* Yt[r - r0][t] (row stride ld) -> y[(t0 + t) * rows + r] for t < nt, in 16 x 16 blocks */
+static void untranspose_ld(const float *yt, int64_t ld, int64_t r0, int64_t r1, int64_t nt, int64_t t0, float *y,
+                           int64_t rows) {
     for (int64_t tb = 0; tb < nt; tb += 16) {
         int64_t te = tb + 16 < nt ? tb + 16 : nt;
         for (int64_t rb = r0; rb < r1; rb += 16) {
             int64_t re = rb + 16 < r1 ? rb + 16 : r1;
             for (int64_t t = tb; t < te; t++)
-                for (int64_t r = rb; r < re; r++) y[(t0 + t) * rows + r] = yt[(r - r0) * TT + t];
+                for (int64_t r = rb; r < re; r++) y[(t0 + t) * rows + r] = yt[(r - r0) * ld + t];
         }
     }
+}
+
+static void untranspose(const float *yt, int64_t r0, int64_t r1, int64_t nt, int64_t t0, float *y, int64_t rows) {
+    untranspose_ld(yt, TT, r0, r1, nt, t0, y, rows);
 }
 
 AVX512_ATTR static void gemm_dense_avx512(const sp_matrix *w, const float *x, const float *xt, int64_t T, float *y,
@@ -532,17 +537,18 @@ AVX512_ATTR static inline int decode_chunk(const uint16_t *mr, int64_t g0, int64
         _mm512_store_ps((P) + 48, A##3);                                                                           \
     } while (0)
 
-/* One row at a time over a chunk of KC_GROUPS groups. Each kept weight costs 4 FMAs into 4 accumulators that depend
- * on the previous weight's (4-cycle latency) plus 6 loads; two rows interleaved (8 chains) measured no faster here,
- * so the simpler form stays. The next row's values and masks are prefetched: rows lie far apart and each is visited
- * for one chunk only, which the hardware prefetchers do not follow (+20% at 4096x4096, T = 512, 70%). */
+/* One row at a time over a chunk of KC_GROUPS groups, two token tiles (128 tokens) at once: each kept weight feeds
+ * 8 FMAs into 8 accumulators (4 per tile), so the chains of dependent FMAs (4-cycle latency) no longer bind and the
+ * decode of the masks is shared by 128 tokens. The next row's values and masks are prefetched: rows lie far apart
+ * and each is visited for one chunk only, which the hardware prefetchers do not follow. */
 AVX512_ATTR static void gemm_sparse_avx512(const sp_matrix *w, const float *x, const float *xt, int64_t T, float *y,
                                            int64_t r0, int64_t r1) {
     (void)x;
     const float *V = (const float *)w->values;
     const int64_t *rp = w->row_ptr;
     int64_t G = groups_of(w), rows = w->rows, kpad = G * 16, ntile = (T + TT - 1) / TT, nr = r1 - r0;
-    size_t yt_bytes = (size_t)nr * TT * sizeof(float), off_bytes = (size_t)nr * sizeof(int64_t);
+    const int64_t ld = 2 * TT; /* Yt row: the partial sums of two tiles */
+    size_t yt_bytes = (size_t)nr * ld * sizeof(float), off_bytes = (size_t)nr * sizeof(int64_t);
     char *buf = scratch2(yt_bytes + off_bytes + (KC_GROUPS * 16 + 16) * sizeof(int32_t) + 64);
     if (!buf) { /* out of memory: the slow path needs no scratch */
         gemm_sparse_portable(w, x, xt, T, y, r0, r1);
@@ -553,13 +559,13 @@ AVX512_ATTR static void gemm_sparse_avx512(const sp_matrix *w, const float *x, c
     int32_t *idx = (int32_t *)(buf + yt_bytes + off_bytes);
     const __m512i lane_tt = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(TT));
-    for (int64_t tile = 0; tile < ntile; tile++) {
-        const float *xtt = xt + tile * kpad * TT;
-        int64_t nt = T - tile * TT < TT ? T - tile * TT : TT;
+    for (int64_t tile = 0; tile < ntile; tile += 2) {
+        int two = tile + 1 < ntile;
+        const float *xtt = xt + tile * kpad * TT, *xtt1 = xtt + kpad * TT;
         for (int64_t r = r0; r < r1; r++) off[r - r0] = rp[r];
         for (int64_t g0 = 0; g0 < G; g0 += KC_GROUPS) {
             int64_t g1 = g0 + KC_GROUPS < G ? g0 + KC_GROUPS : G;
-            const float *xc = xtt + g0 * 16 * TT;
+            const float *xc = xtt + g0 * 16 * TT, *xc1 = xtt1 + g0 * 16 * TT;
             for (int64_t r = r0; r < r1; r++) {
                 if (r + PF_ROWS < r1) {
                     const char *pv = (const char *)(V + off[r + PF_ROWS - r0]);
@@ -569,18 +575,32 @@ AVX512_ATTR static void gemm_sparse_avx512(const sp_matrix *w, const float *x, c
                 int n = decode_chunk(w->masks + r * G, g0, g1, lane_tt, idx);
                 const float *v = V + off[r - r0];
                 off[r - r0] += n;
-                float *acc = yt + (r - r0) * TT;
-                __m512 a0, a1, a2, a3;
+                float *acc = yt + (r - r0) * ld;
+                __m512 a0, a1, a2, a3, b0, b1, b2, b3;
                 LOAD4(a, acc, g0 == 0);
-                for (int j = 0; j < n; j++) {
-                    __m512 wv = _mm512_set1_ps(v[j]);
-                    const float *p = xc + idx[j];
-                    FMA4(a, wv, p);
+                if (two) {
+                    LOAD4(b, acc + TT, g0 == 0);
+                    for (int j = 0; j < n; j++) {
+                        __m512 wv = _mm512_set1_ps(v[j]);
+                        FMA4(a, wv, xc + idx[j]);
+                        FMA4(b, wv, xc1 + idx[j]);
+                    }
+                    STORE4(b, acc + TT);
+                } else {
+                    for (int j = 0; j < n; j++) {
+                        __m512 wv = _mm512_set1_ps(v[j]);
+                        FMA4(a, wv, xc + idx[j]);
+                    }
                 }
                 STORE4(a, acc);
             }
         }
-        untranspose(yt, r0, r1, nt, tile * TT, y, rows);
+        int64_t nt = T - tile * TT < TT ? T - tile * TT : TT;
+        untranspose_ld(yt, ld, r0, r1, nt, tile * TT, y, rows);
+        if (two) {
+            int64_t nt1 = T - (tile + 1) * TT < TT ? T - (tile + 1) * TT : TT;
+            untranspose_ld(yt + TT, ld, r0, r1, nt1, (tile + 1) * TT, y, rows);
+        }
     }
 }
 #endif /* SP_X86 */
