@@ -248,3 +248,41 @@ def test_build_is_cached_and_keyed_on_sources(tmp_path, monkeypatch):
     assert build.build() == first and first.stat().st_mtime_ns == mtime
     (src / "a.c").write_text("int f(void) { return 2; }\n")
     assert build.build() != first
+
+
+def test_sequence_runs_each_matrix_like_single_calls():
+    rng = np.random.default_rng(5)
+    cols = 80
+    packed = [pack_bitmask(w, random_mask(rng, 33, cols, 0.7)) for w in rng.standard_normal((3, 33, cols),
+                                                                                          dtype=np.float32)]
+    for x in (rng.standard_normal(cols, dtype=np.float32), rng.standard_normal((4, cols), dtype=np.float32)):
+        seq = _lib.CallSequence(packed, x)
+        seq.run()
+        for p, y in zip(packed, seq.outs):
+            ref = _lib.gemv(p, x) if x.ndim == 1 else _lib.gemm(p, x)
+            assert np.array_equal(y, ref)
+
+
+def test_parallel_runs_every_part_once():
+    """sp_parallel (the pool the executor uses for its own loops) runs each part exactly once, on any thread."""
+    import ctypes
+    import threading
+
+    lib = _lib.load()
+    _lib.set_threads(2)
+    seen: list[int] = []
+    lock = threading.Lock()
+    proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+
+    def part(_arg, p, n):
+        assert n == 37
+        with lock:
+            seen.append(p)
+
+    cb = proto(part)
+    lib.sp_parallel.restype = None
+    lib.sp_parallel.argtypes = [proto, ctypes.c_void_p, ctypes.c_int]
+    for _ in range(3):
+        seen.clear()
+        lib.sp_parallel(cb, None, 37)
+        assert sorted(seen) == list(range(37))
