@@ -159,6 +159,7 @@ def main() -> int:
     ap.add_argument("--stream-mb", type=float, default=384.0, help="decode: dense bytes per case at least this")
     ap.add_argument("--max-copies", type=int, default=256)
     ap.add_argument("--isa", default="auto")
+    ap.add_argument("--spin", type=int, default=None, help="pool workers' spin before sleeping, us (default: library's)")
     ap.add_argument("--only", default="", help="only shapes like 4096x4096 (comma-separated)")
     ap.add_argument("--skip-probes", action="store_true", help="do not measure bandwidth/peak (shares left empty)")
     ap.add_argument("--out", default="runs/bench_kernels.json")
@@ -166,6 +167,8 @@ def main() -> int:
 
     _lib.set_isa(args.isa)
     _lib.set_threads(args.threads)
+    if args.spin is not None:
+        _lib.set_spin(args.spin)
     if args.skip_probes:
         rates = {"bytes_per_s": float("nan"), "flops_per_s": float("nan"), "method": "not measured"}
     else:
@@ -193,7 +196,8 @@ def main() -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "machine": platform.processor() or platform.machine(),
-        "threads": args.threads, "isa": _lib.get_isa(), "rates": rates, "results": results,
+        "threads": args.threads, "isa": _lib.get_isa(), "spin_us": _lib.load().sp_get_spin(), "rates": rates,
+        "results": results,
     }
     write_json(args.out, out)
     print(f"wrote {args.out}")
