@@ -78,6 +78,7 @@ def main() -> None:
     kw = dict(prefill_len=a.prefill, max_len=a.max_len, threads=a.threads)
     runners: dict[str, Any] = {
         "sparse-cpu": SparseCpuRunner(packed, **kw),
+        "sparse-cpu/lm_head-c": SparseCpuRunner(packed, lm_head="c", **kw),
         "sparse-cpu/lm_head-torch": SparseCpuRunner(packed, lm_head="torch", **kw),
         "sparse-cpu/100%-sparse": SparseCpuRunner(_empty_masks(packed), **kw),
     }
@@ -99,7 +100,7 @@ def main() -> None:
         "decode_ms_per_token": {k: round(1e3 * statistics.median(v), 3) for k, v in dec.items()},
     }
     if a.dense:
-        for k in ("sparse-cpu", "sparse-cpu/lm_head-torch"):
+        for k in ("sparse-cpu", "sparse-cpu/lm_head-c", "sparse-cpu/lm_head-torch"):
             res[f"speedup_vs_ort_dense[{k}]"] = {"prefill": _ratio_summary(pre["onnxruntime-dense"], pre[k]),
                                                 "decode": _ratio_summary(dec["onnxruntime-dense"], dec[k])}
     # where a decode step goes (executor timers), for the real model and the 100%-sparse one

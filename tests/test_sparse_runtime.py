@@ -66,7 +66,7 @@ def test_runtime_matches_torch_pruned(shape, threads, one_thread):
     model = tiny_model("llama", seed=3, **SHAPES[shape])
     packed = packed_from_model(model, _masks(model, "70"))
     assert {lay["kind"] for lay in packed.layout.values()} == {"bitmask"}
-    for fuse, lm_head in ((True, "c"), (False, "torch")):
+    for fuse, lm_head in ((True, "auto"), (False, "c"), (True, "torch")):
         r = SparseCpuRunner(packed, prefill_len=32, max_len=96, threads=threads, lm_head=lm_head, fuse=fuse)
         assert r.fused["qkv"] == (model.config.num_hidden_layers if fuse else 0)
         _check_parity(r, model)

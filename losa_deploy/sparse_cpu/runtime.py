@@ -29,7 +29,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # static inverse frequenci
 KIND_CODES = {"dense": 0, "bitmask": 1, "nm": 2}
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-LM_HEAD_MODES = ("c", "torch")
+LM_HEAD_MODES = ("auto", "c", "torch")
 
 
 # ------------------------------------------------------------------------------------------------ ctypes
@@ -61,7 +61,7 @@ class SpxModel(C.Structure):
                 ("v_cache", C.c_void_p)]
 
 
-SPX_ABI_VERSION = 1
+SPX_ABI_VERSION = 2
 PHASES = ("linear", "attention", "norm_rope_act", "lm_head", "total")
 
 _LIB: Any = None
@@ -340,13 +340,15 @@ def _concat_rows(parts: list[dict[str, np.ndarray]], kinds: list[str]) -> dict[s
 class SparseCpuRunner:
     """Runner over the C executor: prefill(ids[1, P]) -> logits [1, P, V], decode(id) -> logits [V], reset().
 
-    lm_head: "c" computes logits with the library's dense kernel; "torch" hands the final hidden states to
-    torch.nn.functional.linear (oneDNN/MKL)."""
+    lm_head (dense [vocab, hidden]): "c" computes logits with the library's dense kernel, "torch" hands the final
+    hidden states to torch.nn.functional.linear (MKL), "auto" (default) uses the C kernel for one token (decode:
+    memory-bound, no second thread pool) and torch for a prefill chunk (compute-bound, where MKL's GEMM is faster);
+    measured in docs/measured/sparse-runtime.md."""
 
     name = "sparse-cpu"
 
     def __init__(self, packed: Packed, *, prefill_len: int = 128, max_len: int = 512, threads: int | None = None,
-                 lm_head: str = "c", fuse: bool = True) -> None:
+                 lm_head: str = "auto", fuse: bool = True) -> None:
         from losa_deploy.runners import default_threads
 
         if prefill_len < 1 or max_len <= prefill_len:
@@ -370,9 +372,9 @@ class SparseCpuRunner:
         self.n_layers = int(cfg.num_hidden_layers)
         self.head_dim, self.kv_heads = head_dim(cfg), num_kv_heads(cfg)
         cos, sin = rope_tables(cfg, self.max_len)
-        cache_shape = (self.n_layers, self.kv_heads, self.max_len, self.head_dim)
-        self.k_cache = np.zeros(cache_shape, np.float32)
-        self.v_cache = np.zeros(cache_shape, np.float32)
+        # K transposed ([head_dim][max_len] per head): the executor scores consecutive keys in SIMD lanes
+        self.k_cache = np.zeros((self.n_layers, self.kv_heads, self.head_dim, self.max_len), np.float32)
+        self.v_cache = np.zeros((self.n_layers, self.kv_heads, self.max_len, self.head_dim), np.float32)
         self._keep += [cos, sin]
         layers = (SpxLayer * self.n_layers)()
         self.fused = {"qkv": 0, "gate_up": 0}
@@ -390,7 +392,7 @@ class SparseCpuRunner:
         m.embed, m.final_norm = _ptr(embed), _ptr(self._f32(t["model.norm.weight"]))
         m.rope_cos, m.rope_sin = _ptr(cos), _ptr(sin)
         m.layers = layers
-        if lm_head == "c":
+        if lm_head in ("c", "auto"):
             m.lm_head = self._matrix({"weight": head}, "dense", self.vocab, self.hidden)
         m.k_cache, m.v_cache = _ptr(self.k_cache), _ptr(self.v_cache)
         self._layers, self._model = layers, m
@@ -399,7 +401,7 @@ class SparseCpuRunner:
             raise UserError(f"sparse-cpu executor rejected the model: {self.lib.spx_last_error().decode()}")
         self._hidden = np.zeros((self.prefill_len, self.hidden), np.float32)
         self._logits1 = np.zeros(self.vocab, np.float32)
-        if lm_head == "torch":
+        if lm_head in ("torch", "auto"):
             import torch
 
             self._torch_head = torch.from_numpy(head)
@@ -476,7 +478,7 @@ class SparseCpuRunner:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         rows = 1 if last_only else n
         hidden = self._hidden[:rows]
-        use_c_head = self.lm_head_mode == "c"
+        use_c_head = self.lm_head_mode == "c" or (self.lm_head_mode == "auto" and rows == 1)
         rc = self.lib.spx_forward(self._ctx, ids.ctypes.data, n, self.pos,
                                   None if use_c_head else hidden.ctypes.data,
                                   logits.ctypes.data if (use_c_head and logits is not None) else None,
@@ -492,6 +494,8 @@ class SparseCpuRunner:
         if not use_c_head and logits is not None:
             import torch
 
+            if torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
             torch.nn.functional.linear(torch.from_numpy(hidden), self._torch_head, out=torch.from_numpy(logits))
         return logits
 
@@ -554,7 +558,7 @@ def isa_name(code: int) -> str:
 
 
 def open_runner(path: str | Path, *, prefill_len: int = 128, max_len: int = 512, threads: int | None = None,
-                lm_head: str = "c") -> SparseCpuRunner:
+                lm_head: str = "auto") -> SparseCpuRunner:
     """A Runner on a sparse-cpu export directory (or a model dir that contains sparse-cpu/)."""
     d = resolve_export_dir(Path(path))
     packed = load_packed(d)

@@ -225,24 +225,38 @@ typedef struct attn_job {
     int64_t layer, t, pos;
 } attn_job;
 
-/* One (head, token) pair: softmax(q K^T * scale) V over keys 0..pos+i (causal), fp32 throughout. */
+/* x86-64 gcc: clones for AVX-512 and AVX2 picked at load (ifunc); elsewhere plain C. Every loop below either keeps
+ * one accumulator per output element (summed in a fixed order) or is a max, and -ffp-contract=off forbids fused
+ * multiply-adds, so all clones give bit-identical results. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPX_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SPX_CLONES
+#endif
+
+/* One (head, token) pair: softmax(q K^T * scale) V over keys 0..pos+i (causal), fp32 throughout. K is cached
+ * transposed ([head_dim][max_len]) so that the scores of consecutive keys are computed side by side in SIMD lanes
+ * with no horizontal sums. */
+SPX_CLONES
 static void attend_one(spx_ctx *c, int64_t layer, int64_t pos, int64_t h, int64_t i, float *s) {
     const spx_model *m = c->m;
     const int64_t hd = m->head_dim, KV = m->n_kv_heads, L = m->max_len, kvh = h / (m->n_heads / KV);
-    const float *K = m->k_cache + ((layer * KV + kvh) * L) * hd;
+    const float *Kt = m->k_cache + ((layer * KV + kvh) * hd) * L;
     const float *V = m->v_cache + ((layer * KV + kvh) * L) * hd;
     const float *q = c->qkv + i * c->qkv_rows + h * hd;
     const float scale = m->attn_scale;
     const int64_t n = pos + i + 1;
+    for (int64_t j = 0; j < n; j++) s[j] = 0.0f;
+    for (int64_t e = 0; e < hd; e++) {
+        const float qe = q[e], *kt = Kt + e * L;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) s[j] += qe * kt[j];
+    }
     float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
     for (int64_t j = 0; j < n; j++) {
-        const float *kj = K + j * hd;
-        float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-        for (int64_t e = 0; e < hd; e++) d += q[e] * kj[e];
-        d *= scale;
-        s[j] = d;
-        if (d > mx) mx = d;
+        s[j] *= scale;
+        mx = s[j] > mx ? s[j] : mx;
     }
     float sum = 0.0f;
     for (int64_t j = 0; j < n; j++) {
@@ -327,9 +341,9 @@ int spx_forward(void *ctx, const int64_t *ids, int64_t t, int64_t pos, float *hi
             for (int64_t kh = 0; kh < KV; kh++) {
                 float *kr = row + qd + kh * hd;
                 rope(kr, cs, sn, hd);
-                int64_t off = ((l * KV + kh) * L + pos + i) * hd;
-                memcpy(m->k_cache + off, kr, sizeof(float) * hd);
-                memcpy(m->v_cache + off, row + qd + kvd + kh * hd, sizeof(float) * hd);
+                float *kt = m->k_cache + (l * KV + kh) * hd * L + pos + i; /* transposed: [head_dim][max_len] */
+                for (int64_t e = 0; e < hd; e++) kt[e * L] = kr[e];
+                memcpy(m->v_cache + ((l * KV + kh) * L + pos + i) * hd, row + qd + kvd + kh * hd, sizeof(float) * hd);
             }
         }
         if (c->profile) {

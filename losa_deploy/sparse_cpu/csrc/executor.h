@@ -16,7 +16,7 @@
 extern "C" {
 #endif
 
-#define SPX_ABI_VERSION 1
+#define SPX_ABI_VERSION 2
 
 typedef struct spx_layer {
     const float *attn_norm;  /* [hidden] input_layernorm */
@@ -41,7 +41,7 @@ typedef struct spx_model {
     const float *rope_sin;   /* [max_len][head_dim / 2] */
     const spx_layer *layers; /* [n_layers] */
     sp_matrix lm_head;       /* [vocab][hidden]; rows == 0 when the caller computes logits itself */
-    float *k_cache;          /* [n_layers][n_kv_heads][max_len][head_dim] (RoPE applied) */
+    float *k_cache;          /* [n_layers][n_kv_heads][head_dim][max_len] (RoPE applied; transposed) */
     float *v_cache;          /* [n_layers][n_kv_heads][max_len][head_dim] */
 } spx_model;
 
