@@ -17,6 +17,45 @@
 #include <string.h>
 #include <time.h>
 
+/* x86-64 gcc: clones for AVX-512 and AVX2 picked at load (ifunc); elsewhere plain C. Every loop below either keeps
+ * one accumulator per output element (summed in a fixed order) or is a max, and -ffp-contract=off forbids fused
+ * multiply-adds, so all clones give bit-identical results. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPX_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SPX_CLONES
+#endif
+
+/* exp(x) in plain float arithmetic (Cephes' polynomial on x - k ln2, k = round(x / ln2)), within a few ulp of expf,
+ * so that loops over it vectorise in every clone: libm's scalar expf made the SiLU and softmax loops dominate.
+ * No float compares (they block vectorisation unless AVX-512): |x| is clamped to 87.3 on the bits, and k is
+ * rounded with the 1.5 * 2^23 trick. */
+static inline float spx_exp(float x) {
+    int32_t b;
+    memcpy(&b, &x, sizeof b);
+    int32_t sign = b & INT32_MIN, mag = b & 0x7fffffff;
+    mag = mag < 0x42ae999a ? mag : 0x42ae999a; /* 87.3f */
+    b = mag | sign;
+    memcpy(&x, &b, sizeof x);
+    float fk = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    int32_t k = (int32_t)fk; /* -126 ..= 126 */
+    x = x - fk * 0.693359375f;
+    x = x - fk * -2.12194440e-4f;
+    float z = x * x;
+    float y = 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * z + x + 1.0f;
+    int32_t e = (k + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, sizeof scale);
+    return y * scale;
+}
+
+
 static __thread char g_err[256];
 
 static int fail(int code, const char *msg) {
@@ -160,14 +199,30 @@ void spx_read_profile(void *ctx, double *out) {
 }
 
 /* y[t][n] = x[t][n] / sqrt(mean(x[t]^2) + eps) * w[n] (transformers' LlamaRMSNorm in fp32). */
+SPX_CLONES
 static void rmsnorm(const float *x, const float *w, float *y, int64_t t, int64_t n, float eps) {
     for (int64_t i = 0; i < t; i++) {
         const float *xi = x + i * n;
         float *yi = y + i * n;
-        double ss = 0.0;
-        for (int64_t j = 0; j < n; j++) ss += (double)xi[j] * xi[j];
+        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* lane j % 8, summed in a fixed tree: same on every clone */
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8)
+            for (int l = 0; l < 8; l++) acc[l] += (double)xi[j + l] * xi[j + l];
+        for (; j < n; j++) acc[j % 8] += (double)xi[j] * xi[j];
+        double ss = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
         float r = 1.0f / sqrtf((float)(ss / (double)n) + eps);
-        for (int64_t j = 0; j < n; j++) yi[j] = w[j] * (xi[j] * r);
+        for (j = 0; j < n; j++) yi[j] = w[j] * (xi[j] * r);
+    }
+}
+
+/* a = SiLU(g) * u for t tokens; gu rows hold gate then up ([t][2 f]). */
+SPX_CLONES
+static void silu_mul(const float *gu, float *act, int64_t t, int64_t f) {
+    for (int64_t i = 0; i < t; i++) {
+        const float *g = gu + i * 2 * f, *u = g + f;
+        float *a = act + i * f;
+#pragma omp simd
+        for (int64_t e = 0; e < f; e++) a[e] = g[e] / (1.0f + spx_exp(-g[e])) * u[e];
     }
 }
 
@@ -225,15 +280,6 @@ typedef struct attn_job {
     int64_t layer, t, pos;
 } attn_job;
 
-/* x86-64 gcc: clones for AVX-512 and AVX2 picked at load (ifunc); elsewhere plain C. Every loop below either keeps
- * one accumulator per output element (summed in a fixed order) or is a max, and -ffp-contract=off forbids fused
- * multiply-adds, so all clones give bit-identical results. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPX_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SPX_CLONES
-#endif
-
 /* One (head, token) pair: softmax(q K^T * scale) V over keys 0..pos+i (causal), fp32 throughout. K is cached
  * transposed ([head_dim][max_len]) so that the scores of consecutive keys are computed side by side in SIMD lanes
  * with no horizontal sums. */
@@ -258,11 +304,10 @@ static void attend_one(spx_ctx *c, int64_t layer, int64_t pos, int64_t h, int64_
         s[j] *= scale;
         mx = s[j] > mx ? s[j] : mx;
     }
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) s[j] = spx_exp(s[j] - mx);
     float sum = 0.0f;
-    for (int64_t j = 0; j < n; j++) {
-        s[j] = expf(s[j] - mx);
-        sum += s[j];
-    }
+    for (int64_t j = 0; j < n; j++) sum += s[j]; /* in key order */
     const float inv = 1.0f / sum;
     float *o = c->att + i * c->qd + h * hd;
     for (int64_t e = 0; e < hd; e++) o[e] = 0.0f;
@@ -366,11 +411,7 @@ int spx_forward(void *ctx, const int64_t *ids, int64_t t, int64_t pos, float *hi
         }
         if (rc) return rc;
         t0 = c->profile ? now() : 0.0;
-        for (int64_t i = 0; i < t; i++) {
-            const float *g = c->gu + i * 2 * f, *u = g + f;
-            float *a = c->act + i * f;
-            for (int64_t e = 0; e < f; e++) a[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-        }
+        silu_mul(c->gu, c->act, t, f);
         if (c->profile) c->prof[SPX_T_NORM_ROPE] += now() - t0;
         if ((rc = linear(c, &Ly->down, c->act, t, c->tmp))) return rc;
         for (int64_t i = 0; i < t * h; i++) c->x[i] += c->tmp[i];
