@@ -93,11 +93,11 @@ def run_case(shape_set: str, rows: int, cols: int, pattern: str, phase: str, arg
         scale = np.abs(o).max() + 1e-6
         if p.kind == "dense" and np.abs(y.reshape(o.shape) - o).max() > 1e-3 * scale:
             raise SystemExit(f"dense result differs from ONNX Runtime on {rows}x{cols}")
-    # enough inner repetitions that one timed sample is >= ~20 ms
+    # enough inner repetitions that one timed sample lasts >= --sample-s
     t0 = time.perf_counter()
     seq.run()
     one = time.perf_counter() - t0
-    inner = max(1, int(0.02 / max(one, 1e-6)))
+    inner = max(1, int(args.sample_s / max(one, 1e-6)))
 
     def a() -> float:
         s = time.perf_counter()
@@ -114,7 +114,11 @@ def run_case(shape_set: str, rows: int, cols: int, pattern: str, phase: str, arg
     a(), b()  # warm-up
     ta, tb = [], []
     for _ in range(args.pairs):
+        # a pause before each side lets the other side's spinning worker threads go to sleep (ONNX Runtime's
+        # spin for a while after a run; on 2 cores a spinning thread takes a core from the next side)
+        time.sleep(args.gap)
         ta.append(a())
+        time.sleep(args.gap)
         tb.append(b())
     stats = ratio_stats([x / y for x, y in zip(ta, tb)])
     nnz = packed[0].nnz
@@ -156,6 +160,8 @@ def main() -> int:
     ap.add_argument("--phases", default="decode,prefill")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=7)
+    ap.add_argument("--gap", type=float, default=0.05, help="seconds of pause before each timed side")
+    ap.add_argument("--sample-s", type=float, default=0.05, help="repeat calls so one timed sample lasts this long")
     ap.add_argument("--stream-mb", type=float, default=384.0, help="decode: dense bytes per case at least this")
     ap.add_argument("--max-copies", type=int, default=256)
     ap.add_argument("--isa", default="auto")
