@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from losa_deploy.atomic import write_json  # noqa: E402
+from losa_deploy.atomic import write_json, write_text  # noqa: E402
 from losa_deploy.bench.pairs import ratio_stats  # noqa: E402
 from losa_deploy.sparse_cpu import _lib  # noqa: E402
 from losa_deploy.sparse_cpu.pack import pack_bitmask, pack_dense, pack_nm  # noqa: E402
@@ -153,6 +153,25 @@ def fmt_row(r: dict) -> str:
             f"{s['median']:5.2f}x [{s['min']:.2f}-{s['max']:.2f}]  {rate}{flag}")
 
 
+def markdown(results: list[dict]) -> str:
+    """The table for docs/measured: one row per case."""
+    lines = ["| shapes | W (rows x cols) | pattern | phase | ORT dense | sparse-cpu | speed-up, median [min-max] | "
+             "bound | sparse-cpu rate (share of machine) | ORT rate |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s = r["speedup"]
+        dec = r["phase"] == "decode"
+        bound = r["bytes_bound_x"] if dec else r["flop_bound_x"]
+        rate = (f"{r['sparse_gbs']:.1f} GB/s ({100 * r['sparse_bw_share']:.0f}% bw)" if dec
+                else f"{r['sparse_gflops']:.0f} GFLOP/s ({100 * r['sparse_peak_share']:.0f}% peak)")
+        ort = f"{r['ort_gbs']:.1f} GB/s" if dec else f"{r['ort_gflops']:.0f} GFLOP/s"
+        flag = "" if s["quotable"] else " (wide)"
+        lines.append(f"| {r['shapes']} | {r['rows']}x{r['cols']} | {r['pattern']} | {r['phase']} T={r['tokens']} | "
+                     f"{1e3 * r['ort_s']:.3f} ms | {1e3 * r['sparse_s']:.3f} ms | **{s['median']:.2f}x** "
+                     f"[{s['min']:.2f}-{s['max']:.2f}]{flag} | {bound:.2f}x | {rate} | {ort} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama-2-7b,real", help="llama-2-7b, real, or both (comma-separated)")
@@ -206,7 +225,9 @@ def main() -> int:
         "results": results,
     }
     write_json(args.out, out)
-    print(f"wrote {args.out}")
+    md = str(Path(args.out).with_suffix(".md"))
+    write_text(md, markdown(results))
+    print(f"wrote {args.out} and {md}")
     return 0
 
 
