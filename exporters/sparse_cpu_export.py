@@ -46,7 +46,8 @@ def read_masks(model_dir: Path, model: Any) -> tuple[dict[str, np.ndarray] | Non
     for k, v in raw.items():
         if k in weights:
             if tuple(v.shape) != tuple(weights[k].shape):
-                raise UserError(f"{MASKS_FILE}: mask '{k}' has shape {list(v.shape)}, weight has {list(weights[k].shape)}")
+                raise UserError(f"{MASKS_FILE}: mask '{k}' has shape {list(v.shape)}, "
+                                f"weight has {list(weights[k].shape)}")
             masks[k] = v.astype(bool)
     return masks, MASKS_FILE
 
@@ -85,9 +86,9 @@ def dense_fp32_bytes(model: Any) -> int:
     return total
 
 
-def export_sparse_cpu(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, threads: int | None = None,
-                      prefill_len: int = 128, max_len: int = 512, verify_tokens: int = VERIFY_TOKENS,
-                      min_sparsity: float = 0.2, atol: float = LOGIT_ATOL) -> dict:
+def export_sparse_cpu(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                      threads: int | None = None, prefill_len: int = 128, max_len: int = 512,
+                      verify_tokens: int = VERIFY_TOKENS, min_sparsity: float = 0.2, atol: float = LOGIT_ATOL) -> dict:
     """Pack, verify against PyTorch, then write the export directory atomically (nothing on failure)."""
     from losa_deploy.runners import default_threads
     from losa_deploy.sparse_cpu.runtime import (FORMAT, WEIGHTS_FILE, SparseCpuRunner, check_supported, isa_name,

@@ -22,8 +22,10 @@ def export(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: MODEL_DIR/<format>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     prefill_len: int = typer.Option(128, "--prefill-len", help="deepsparse, sparse-cpu: tokens per prefill call."),
-    max_len: int = typer.Option(512, "--max-len", help="deepsparse, sparse-cpu: total sequence length (prompt + generated)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="deepsparse, sparse-cpu: threads for the verification run (default: all)."),
+    max_len: int = typer.Option(512, "--max-len",
+                                help="deepsparse, sparse-cpu: total sequence length (prompt + generated)."),
+    threads: Optional[int] = typer.Option(None, "--threads",
+                                          help="deepsparse, sparse-cpu: threads for the verification run (default: all)."),
     force_2of4: bool = typer.Option(False, "--force-2of4", help="tensorrt: re-prune a non-2:4 checkpoint to 2:4 by magnitude."),
 ) -> None:
     """Export a (sparse) model and verify it against PyTorch before declaring it done.
@@ -79,10 +81,12 @@ def export(
     elif fmt == "sparse-cpu":
         from exporters.sparse_cpu_export import export_sparse_cpu
 
-        man = export_sparse_cpu(src, dest, prefill_len=prefill_len, max_len=max_len, overwrite=overwrite, threads=threads)
+        man = export_sparse_cpu(src, dest, prefill_len=prefill_len, max_len=max_len, overwrite=overwrite,
+                                threads=threads)
         v = man["verification"]["sparse_cpu_vs_torch"]
         s = man["sizes"]
-        out.print(f"sparse-cpu export verified: max |dlogit| {v['max_abs_logit_diff']:.2e} (tol {v['logit_tolerance']:g}), "
+        out.print(f"sparse-cpu export verified: max |dlogit| {v['max_abs_logit_diff']:.2e} "
+                  f"(tol {v['logit_tolerance']:g}), "
                   f"{v['new_tokens']} greedy tokens match: {v['tokens_match']}, zero patterns kept: "
                   f"{man['verification']['zero_pattern']['ok']}; weights {s['weight_bytes'] / 1e6:.1f} MB = "
                   f"{s['ratio']:.3f}x dense fp32 (block linears {s['block_linears_ratio']:.3f}x)")

@@ -224,7 +224,8 @@ def test_cli_export_and_generate(tmp_path, capsys, monkeypatch, one_thread):
     code, ref = _cli(["generate", str(src), "--runtime", "torch", *args], capsys, monkeypatch)
     assert code == 0, ref
     for path in (src, src / "sparse-cpu"):
-        code, text = _cli(["generate", str(path), "--runtime", "sparse-cpu", "--threads", "2", *args], capsys, monkeypatch)
+        code, text = _cli(["generate", str(path), "--runtime", "sparse-cpu", "--threads", "2", *args], capsys,
+                          monkeypatch)
         assert code == 0, text
         assert text.splitlines()[0] == ref.splitlines()[0]  # same greedy continuation as PyTorch
         assert "sparse-cpu: " in text and "(2 threads)" in text

@@ -242,7 +242,7 @@ def pack_model(state: dict[str, np.ndarray], config: Any, masks: dict[str, np.nd
     notes: list[str] = []
     expected_other = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     for i in range(config.num_hidden_layers):
-        expected_other |= {f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"}
+        expected_other |= {f"model.layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
         if config.model_type == "qwen2":
             expected_other |= {f"model.layers.{i}.self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")}
     unexpected = sorted(k for k in state if k not in expected_other and k[: -len(".weight")] not in lin)
@@ -316,7 +316,8 @@ def resolve_export_dir(path: Path) -> Path:
     for cand in (path, path / FORMAT):
         if (cand / WEIGHTS_FILE).is_file():
             return cand
-    raise UserError(f"'{path}' has no sparse-cpu export ({WEIGHTS_FILE}); run: losa-deploy export {path} --format sparse-cpu")
+    raise UserError(f"'{path}' has no sparse-cpu export ({WEIGHTS_FILE}); "
+                    f"run: losa-deploy export {path} --format sparse-cpu")
 
 
 # ------------------------------------------------------------------------------------------------- runner
@@ -413,7 +414,8 @@ class SparseCpuRunner:
         self._keep.append(a)
         return a
 
-    def _matrix(self, arrs: dict[str, np.ndarray], kind: str, rows: int, cols: int, n: int = 0, m: int = 0) -> SpMatrix:
+    def _matrix(self, arrs: dict[str, np.ndarray], kind: str, rows: int, cols: int, n: int = 0,
+                m: int = 0) -> SpMatrix:
         mat = SpMatrix(rows=rows, cols=cols, kind=KIND_CODES[kind], dtype=0, n=n, m=m)
         if kind == "dense":
             mat.values = _ptr(self._f32(arrs["weight"]))

@@ -268,7 +268,8 @@ static int linear_split(spx_ctx *c, const sp_matrix *const *ws, int n, const flo
     if (t > 1) {
         off = 0;
         for (int i = 0; i < n; i++) {
-            for (int64_t r = 0; r < t; r++) memcpy(y + r * total + off, outs[i] + r * ws[i]->rows, sizeof(float) * ws[i]->rows);
+            for (int64_t r = 0; r < t; r++)
+                memcpy(y + r * total + off, outs[i] + r * ws[i]->rows, sizeof(float) * ws[i]->rows);
             off += ws[i]->rows;
         }
     }
