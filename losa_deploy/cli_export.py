@@ -25,7 +25,7 @@ def export(
     max_len: int = typer.Option(512, "--max-len",
                                 help="deepsparse, sparse-cpu: total sequence length (prompt + generated)."),
     threads: Optional[int] = typer.Option(None, "--threads",
-                                          help="deepsparse, sparse-cpu: threads for the verification run (default: all)."),
+                                          help="deepsparse, sparse-cpu: verification threads (default: all)."),
     force_2of4: bool = typer.Option(False, "--force-2of4", help="tensorrt: re-prune a non-2:4 checkpoint to 2:4 by magnitude."),
 ) -> None:
     """Export a (sparse) model and verify it against PyTorch before declaring it done.
