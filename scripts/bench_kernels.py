@@ -184,7 +184,7 @@ def main() -> int:
     ap.add_argument("--stream-mb", type=float, default=384.0, help="decode: dense bytes per case at least this")
     ap.add_argument("--max-copies", type=int, default=256)
     ap.add_argument("--isa", default="auto")
-    ap.add_argument("--spin", type=int, default=None, help="pool workers' spin before sleeping, us (default: library's)")
+    ap.add_argument("--spin", type=int, default=None, help="pool workers' spin before sleeping, us")
     ap.add_argument("--only", default="", help="only shapes like 4096x4096 (comma-separated)")
     ap.add_argument("--skip-probes", action="store_true", help="do not measure bandwidth/peak (shares left empty)")
     ap.add_argument("--out", default="runs/bench_kernels.json")
