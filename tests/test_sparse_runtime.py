@@ -245,7 +245,8 @@ def test_real_model_magnitude70(tmp_path, capsys, monkeypatch):
     man = export_sparse_cpu(tmp_path / "m70", tmp_path / "m70" / "sparse-cpu", prefill_len=32, max_len=96, threads=2,
                             verify_tokens=8)
     v = man["verification"]["sparse_cpu_vs_torch"]
-    assert v["tokens_match"] and v["max_abs_logit_diff"] <= ATOL
+    # logits reach ~38 here; PyTorch fp32 itself moves ~2e-4 between 1 and 2 threads (docs/measured/sparse-runtime.md)
+    assert v["tokens_match"] and v["max_abs_logit_diff"] <= 1e-3
     assert man["verification"]["zero_pattern"]["ok"]
     s = man["sizes"]
     assert s["block_linears_ratio"] <= 0.36  # 70% block linears: 0.33x of dense fp32
