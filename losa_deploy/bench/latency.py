@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import UserError
 from .pairs import interleave
-from .timing import PeakMemory, current_rss_bytes, summarize
+from .timing import PeakMemory, current_rss_bytes, release_freed_memory, summarize
 
 
 class Runner(Protocol):
@@ -130,6 +130,7 @@ def bench_sides(
         runners: dict[str, Any] = {}
         for sd in list(active):
             step(f"build {group}: {sd.key}")
+            release_freed_memory()
             rss0 = current_rss_bytes()
             t0 = time.perf_counter()
             try:
@@ -143,6 +144,7 @@ def bench_sides(
                 continue
             d = res[sd.key]
             d["build_s"][group] = time.perf_counter() - t0
+            release_freed_memory()
             d["load_rss_bytes"] = max(d["load_rss_bytes"], current_rss_bytes() - rss0)
             d["threads"], d["runner"] = getattr(r, "threads", None), getattr(r, "name", None)
             runners[sd.key] = r
@@ -155,6 +157,8 @@ def bench_sides(
         for k, samples in got.items():
             res[k]["phases"][phase] = _phase(summarize(samples, warmup), tokens, dict(extra))
 
+    release_freed_memory()
+    start_rss = current_rss_bytes()
     with PeakMemory() as mem:
         for k, p in enumerate(s.prompt_lens):
             first = k == 0
@@ -175,6 +179,7 @@ def bench_sides(
                     run(f"e2e_{s.gen_tokens}", {key: (r.reset, lambda r=r: gen(r)) for key, r in runners.items()},
                         s.gen_tokens, min(s.warmup, 1), {"prompt_len": p, "gen_tokens": s.gen_tokens})
             del runners
+            release_freed_memory()
         if s.decode_tokens > 0:
             runners = build("decode", s.decode_past, s.decode_past + s.decode_tokens, True)
             past = prompt_ids(s.decode_past, vocab_size, s.seed, 99)
@@ -200,6 +205,7 @@ def bench_sides(
     for d in res.values():
         if d["status"] == "ok":
             d["peak_rss_bytes"], d["peak_rss_method"] = mem.peak_bytes, mem.method
+            d["start_rss_bytes"] = start_rss
     return res
 
 
