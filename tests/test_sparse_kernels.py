@@ -218,6 +218,10 @@ def test_environment_forces_a_path():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "portable"
+    env["LOSA_SPARSE_ISA"] = "sse9"
+    code = "from losa_deploy.sparse_cpu import _lib; _lib.load()"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "LOSA_SPARSE_ISA=sse9 is not one of" in out.stderr
 
 
 def test_build_errors_are_one_line(tmp_path, monkeypatch):

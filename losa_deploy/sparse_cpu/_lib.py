@@ -8,6 +8,7 @@ the NumPy arrays alive for the duration of each call.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -96,7 +97,20 @@ def load(path: str | Path | None = None) -> ctypes.CDLL:
                 raise UserError(f"cannot load the sparse-cpu kernels {path}: {e}") from None
             _declare(lib)
             _lib = lib
-        return _lib
+    _check_env_isa(_lib)
+    return _lib
+
+
+def _check_env_isa(lib: ctypes.CDLL) -> None:
+    """LOSA_SPARSE_ISA is read by the library at load; a value it could not honour is a UserError here."""
+    want = os.environ.get("LOSA_SPARSE_ISA", "").strip()
+    if not want or want == "auto":
+        return
+    if want not in ISAS:
+        raise UserError(f"LOSA_SPARSE_ISA={want} is not one of auto, {', '.join(ISAS)}")
+    if not lib.sp_cpu_supports(ISA_CODES[want]):
+        have = [n for n in ISAS if lib.sp_cpu_supports(ISA_CODES[n])]
+        raise UserError(f"LOSA_SPARSE_ISA={want}: this CPU does not support it (it has: {', '.join(have)})")
 
 
 def _check(rc: int, what: str) -> None:
