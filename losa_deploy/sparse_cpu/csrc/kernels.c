@@ -845,21 +845,61 @@ typedef struct {
     const float *x;
     float *xt;
     int64_t T, cols, kpad, ntile;
+    int simd;
 } tjob_t;
+
+#if SP_X86
+/* 8 x 8 block: dst[j * ldd + i] = src[i * lds + j] (unpack / shuffle / permute2f128) */
+AVX2_ATTR static inline void transpose8_avx2(const float *src, int64_t lds, float *dst, int64_t ldd) {
+    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + lds), r2 = _mm256_loadu_ps(src + 2 * lds),
+           r3 = _mm256_loadu_ps(src + 3 * lds), r4 = _mm256_loadu_ps(src + 4 * lds),
+           r5 = _mm256_loadu_ps(src + 5 * lds), r6 = _mm256_loadu_ps(src + 6 * lds),
+           r7 = _mm256_loadu_ps(src + 7 * lds);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+           t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+           t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+           s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+           s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+           s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(dst + ldd, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+
+/* tokens [0, nt8) x columns [0, cols8) by 8 x 8 blocks */
+AVX2_ATTR static void transpose_blocks_avx2(const float *src, int64_t cols, int64_t nt8, int64_t cols8, float *dst) {
+    for (int64_t k0 = 0; k0 < cols8; k0 += 8)
+        for (int64_t t0 = 0; t0 < nt8; t0 += 8) transpose8_avx2(src + t0 * cols + k0, cols, dst + k0 * TT + t0, TT);
+}
+#endif
 
 static void transpose_part(void *arg, int p, int np) {
     tjob_t *j = arg;
-    int64_t t0 = j->ntile * p / np, t1 = j->ntile * (p + 1) / np;
+    int64_t t0 = j->ntile * p / np, t1 = j->ntile * (p + 1) / np, cols = j->cols;
     for (int64_t tile = t0; tile < t1; tile++) {
         float *dst = j->xt + tile * j->kpad * TT;
-        memset(dst, 0, (size_t)(j->kpad * TT) * sizeof(float));
+        const float *src = j->x + tile * TT * cols;
         int64_t nt = j->T - tile * TT < TT ? j->T - tile * TT : TT;
-        for (int64_t k0 = 0; k0 < j->cols; k0 += 16) {
-            int64_t k1 = k0 + 16 < j->cols ? k0 + 16 : j->cols;
-            for (int64_t t = 0; t < nt; t++) {
-                const float *src = j->x + (tile * TT + t) * j->cols;
-                for (int64_t k = k0; k < k1; k++) dst[k * TT + t] = src[k];
-            }
+        if (nt < TT) memset(dst, 0, (size_t)(j->kpad * TT) * sizeof(float));
+        else memset(dst + cols * TT, 0, (size_t)((j->kpad - cols) * TT) * sizeof(float));
+        int64_t nt8 = 0, cols8 = 0;
+#if SP_X86
+        if (j->simd) {
+            nt8 = nt / 8 * 8;
+            cols8 = cols / 8 * 8;
+            transpose_blocks_avx2(src, cols, nt8, cols8, dst);
+        }
+#endif
+        /* what the blocks left: all tokens for columns >= cols8, tokens >= nt8 for columns < cols8 */
+        for (int64_t t = 0; t < nt; t++) {
+            const float *row = src + t * cols;
+            for (int64_t k = t < nt8 ? cols8 : 0; k < cols; k++) dst[k * TT + t] = row[k];
         }
     }
 }
@@ -886,6 +926,7 @@ int sp_gemm_batch(int n, const sp_matrix *const *w, const float *x, int64_t t, f
         tj.kpad = groups_of(w[0]) * 16;
         tj.ntile = (t + TT - 1) / TT;
         tj.xt = scratch((size_t)(tj.ntile * tj.kpad * TT));
+        tj.simd = g_isa == SP_ISA_AVX2 || g_isa == SP_ISA_AVX512;
         if (!tj.xt) return SP_ENOMEM;
         sp_pool_run(transpose_part, &tj, (int)tj.ntile);
         j.xt = tj.xt;
