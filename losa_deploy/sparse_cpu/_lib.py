@@ -53,7 +53,6 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 
 _P = ctypes.POINTER
-_F = _P(ctypes.c_float)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
