@@ -142,17 +142,26 @@ def test_bench_sides_interleaves_runners_and_isolates_failures():
             log.append((self.name, "decode", 1))
             return np.zeros((1, 7), np.float32)
 
+    built = []
+
     def broken(p, L):
+        built.append("c")
         raise RuntimeError("no such engine")
 
-    sides = [Side("a", "dense", lambda p, L: R("a", p, L)), Side("b", "sparse", lambda p, L: R("b", p, L)),
-             Side("c", "sparse", broken)]
+    def make(name):
+        def fac(p, L):
+            built.append(name)
+            return R(name, p, L)
+        return fac
+
+    sides = [Side("a", "dense", make("a")), Side("b", "sparse", make("b"), build_first=True), Side("c", "sparse", broken)]
     s = LatencySettings(prompt_lens=(4,), decode_past=3, decode_tokens=2, gen_tokens=0, warmup=1, repeats=2)
     res = bench_sides(sides, s, vocab_size=7)
     assert res["c/sparse"] == {"status": "error", "note": "RuntimeError: no such engine"}
     assert res["a/dense"]["status"] == res["b/sparse"]["status"] == "ok"
     pre = [n for n, kind, L in log if kind == "prefill" and L == 4]
-    assert pre == ["a", "b"] * 6  # prefill_4 then ttft: 3 rounds each (1 warm-up + 2)
+    assert pre == ["a", "b"] * 6  # prefill_4 then ttft: 3 rounds each (1 warm-up + 2), in `sides` order
+    assert built == ["b", "a", "c", "b", "a"]  # the heavy build first; c failed once and was dropped
     dec = [n for n, kind, _ in log if kind == "decode"]
     assert dec == ["a", "a", "b", "b"] * 3  # decode: 1 warm-up + 2 rounds of 2 steps per side
     for k in ("a/dense", "b/sparse"):

@@ -407,7 +407,7 @@ def latency_suite(
                 e_rt = suite["runtimes"].setdefault(rt, {"status": "ok"})
                 e_rt["note"] = "; ".join(x for x in (e_rt.get("note"), f"{var}: {note}") if x)
                 continue
-            sides.append(Side(rt, var, make_factory(path, rt, threads)))
+            sides.append(Side(rt, var, make_factory(path, rt, threads), build_first=rt == "deepsparse"))
             suite["runtimes"].setdefault(rt, {"status": "ok"})[f"{var}_path"] = str(path)
     if f"{SPARSE_CPU}/sparse" in exports:  # judged against the bytes its export really streams
         from .kernels import linear_kinds
