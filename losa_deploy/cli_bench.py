@@ -19,8 +19,10 @@ def bench(
     out: Optional[Path] = typer.Option(None, "--out", help="Report directory (default: <SPARSE_DIR>/bench)."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace the report in an existing --out (its cached exports are reused)."),
-    runtimes: Optional[str] = typer.Option(None, "--runtimes", help="Comma list of torch,onnxruntime,deepsparse,torch-cuda,torch-2of4. "
-                                           "Default: all installed (missing ones skipped with a note); a requested missing one is an error."),
+    runtimes: Optional[str] = typer.Option(
+        None, "--runtimes", help="Comma list of torch,onnxruntime,deepsparse,sparse-cpu,torch-cuda,torch-2of4; "
+        "NAME:dense or NAME:sparse times only that model on it. Default: all installed "
+        "(missing ones skipped with a note); a requested missing one is an error."),
     prompt_lens: str = typer.Option("128,512", "--prompt-lens", help="Prefill prompt lengths (tokens)."),
     decode_past: int = typer.Option(256, "--decode-past", help="Tokens already in the cache when decode is timed."),
     decode_tokens: int = typer.Option(64, "--decode-tokens", help="Decode steps timed per repeat."),
@@ -50,7 +52,8 @@ def bench(
 
       losa-deploy bench runs/sparse70 --baseline smollm2-135m --runtimes onnxruntime,deepsparse --threads 2 --ppl-data wiki.test.raw
 
-      losa-deploy bench runs/sparse70 --baseline smollm2-135m --shapes llama-2-7b --blocks 2 --shapes-only --skip-accuracy
+      losa-deploy bench runs/sparse70 --baseline smollm2-135m --shapes llama-2-7b --blocks 2 --shapes-only
+      --skip-accuracy --runtimes onnxruntime:dense,sparse-cpu
 
       losa-deploy bench --compare runs/s50/bench/report.json --compare runs/s70/bench/report.json --out runs/compare
     """

@@ -12,19 +12,22 @@ from .cli import app
 from .console import err, out
 from .errors import UserError
 
-FORMATS = ("onnx", "deepsparse", "tensorrt", "compressed-tensors")
+FORMATS = ("onnx", "deepsparse", "tensorrt", "compressed-tensors", "sparse-cpu")
 ALIASES = {"hf": "compressed-tensors"}  # the Hugging Face sparse checkpoint is compressed-tensors
 
 
 @app.command()
 def export(
     model_dir: Path = typer.Argument(..., help="A Hugging Face causal-LM directory (what `compress` writes, or any HF checkpoint)."),
-    fmt: str = typer.Option(..., "--format", "-f", help="onnx | deepsparse | tensorrt | compressed-tensors (alias hf)"),
+    fmt: str = typer.Option(..., "--format", "-f",
+                            help="onnx | deepsparse | tensorrt | compressed-tensors (alias hf) | sparse-cpu"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: MODEL_DIR/<format>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
-    prefill_len: int = typer.Option(128, "--prefill-len", help="deepsparse: tokens per prefill engine call."),
-    max_len: int = typer.Option(512, "--max-len", help="deepsparse: total sequence length (prompt + generated)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="deepsparse: cores for the verification run (default: all)."),
+    prefill_len: int = typer.Option(128, "--prefill-len", help="deepsparse, sparse-cpu: tokens per prefill call."),
+    max_len: int = typer.Option(512, "--max-len",
+                                help="deepsparse, sparse-cpu: total sequence length (prompt + generated)."),
+    threads: Optional[int] = typer.Option(None, "--threads",
+                                          help="deepsparse, sparse-cpu: verification threads (default: all)."),
     force_2of4: bool = typer.Option(False, "--force-2of4", help="tensorrt: re-prune a non-2:4 checkpoint to 2:4 by magnitude."),
 ) -> None:
     """Export a (sparse) model and verify it against PyTorch before declaring it done.
@@ -38,6 +41,8 @@ def export(
       losa-deploy export runs/gpu24 --format tensorrt
 
       losa-deploy export runs/sparse70 --format compressed-tensors
+
+      losa-deploy export runs/sparse70 --format sparse-cpu
     """
     from .artifact import EXPORT_MANIFEST_NAME, check_output_room, checkpoint_bytes, remove_stale_partials
 
@@ -83,6 +88,20 @@ def export(
         if man.get("forced_2of4"):
             out.print(f"[yellow]re-pruned {man['forced_2of4']['layers']} layers to 2:4 by magnitude (--force-2of4)[/yellow]")
         out.print(f"build the sparse engine with:\n  {man['trtexec']}")
+    elif fmt == "sparse-cpu":
+        from exporters.sparse_cpu_export import export_sparse_cpu
+
+        man = export_sparse_cpu(src, dest, prefill_len=prefill_len, max_len=max_len, overwrite=overwrite,
+                                threads=threads)
+        v = man["verification"]["sparse_cpu_vs_torch"]
+        s = man["sizes"]
+        out.print(f"sparse-cpu export verified: max |dlogit| {v['max_abs_logit_diff']:.2e} "
+                  f"(tol {v['logit_tolerance']:g}), "
+                  f"{v['new_tokens']} greedy tokens match: {v['tokens_match']}, zero patterns kept: "
+                  f"{man['verification']['zero_pattern']['ok']}; weights {s['weight_bytes'] / 1e6:.1f} MB = "
+                  f"{s['ratio']:.3f}x dense fp32 (block linears {s['block_linears_ratio']:.3f}x)")
+        for note in man["notes"]:
+            out.print(f"[yellow]note: {note}[/yellow]")
     else:
         from exporters.compressed_tensors_export import export_compressed_tensors
 
@@ -97,18 +116,20 @@ def export(
 
 @app.command()
 def generate(
-    model_dir: Path = typer.Argument(..., help="Model directory, or its deepsparse export directory."),
-    runtime: str = typer.Option("torch", "--runtime", help="torch | onnxruntime | deepsparse | torch-2of4"),
+    model_dir: Path = typer.Argument(..., help="Model directory, or its deepsparse / sparse-cpu export directory."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch | onnxruntime | deepsparse | torch-2of4 | sparse-cpu"),
     prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="Default: the export's prefill length (or 128)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Default: the export's max length (or 512)."),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda (torch-2of4 needs cuda)"),
 ) -> None:
     """Greedy generation with one runtime (the same runners `bench` measures).
 
-    Example: losa-deploy generate runs/sparse70 --runtime deepsparse --prompt "The capital of France is"
+    Examples: losa-deploy generate runs/sparse70 --runtime deepsparse --prompt "The capital of France is"
+
+      losa-deploy generate runs/sparse70 --runtime sparse-cpu --threads 2 --prompt "The capital of France is"
     """
     from transformers import AutoTokenizer
 
@@ -121,9 +142,14 @@ def generate(
     if not p.exists():
         raise UserError(f"'{model_dir}' not found")
     pl, ml = prefill_len, max_len
-    if runtime in ("onnxruntime", "deepsparse"):
-        d = resolve_onnx_dir(p)
-        eng = read_export_manifest(d).get("engines", {})
+    if runtime in ("onnxruntime", "deepsparse", "sparse-cpu"):
+        if runtime == "sparse-cpu":
+            from .sparse_cpu.runtime import resolve_export_dir
+
+            d = resolve_export_dir(p)
+        else:
+            d = resolve_onnx_dir(p)
+        eng = read_export_manifest(d).get("engines", {})  # the export's shapes are the defaults
         pl = pl or eng.get("prefill", {}).get("seq", 128)
         ml = ml or eng.get("max_len", 512)
         tok_dir = d

@@ -19,7 +19,7 @@ import torch
 
 from .console import err
 from .errors import UserError
-from .model_parts import (block_param_counts, find_blocks, find_linears, block_prefix, prunable_linears,
+from .model_parts import (block_param_counts, find_blocks, block_prefix, prunable_linears,
                           require_linear_blocks)
 from .recipe import ADAPTER_METHODS, CompressRecipe, PruneSpec, pattern_parts
 

@@ -5,6 +5,9 @@
   decode(token_id)   -> logits[V]         appends one token
   reset(), name, threads
 
+"sparse-cpu" runs the packed export of `export --format sparse-cpu` on the C executor in losa_deploy/sparse_cpu
+(whole model per call, its own KV cache; prefill in chunks of prefill_len).
+
 "onnxruntime" and "deepsparse" run the SAME deepsparse-format model.onnx with the same static shapes
 (a prefill call of exactly `prefill_len` tokens and a decode call of 1 token, total length `max_len`) and the same
 thread count: the fair sparse-vs-dense comparison. Their KV cache is a fixed-length, right-aligned buffer: each
@@ -24,7 +27,7 @@ import numpy as np
 from .artifact import EXPORT_MANIFEST_NAME, read_export_manifest
 from .errors import UserError
 
-RUNTIMES = ("torch", "onnxruntime", "deepsparse", "torch-2of4")
+RUNTIMES = ("torch", "onnxruntime", "deepsparse", "torch-2of4", "sparse-cpu")
 
 
 class Runner(Protocol):
@@ -290,6 +293,14 @@ def make_runner(path: str | os.PathLike, runtime: str, *, prefill_len: int = 128
     if prefill_len < 1 or max_len <= prefill_len:
         raise UserError(f"need 1 <= prefill_len < max_len (got {prefill_len}, {max_len})")
     threads = int(threads or default_threads())
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1 (got {threads})")
+    if runtime == "sparse-cpu":
+        if device != "cpu":
+            raise UserError(f"runtime 'sparse-cpu' runs on the CPU; drop --device {device}")
+        from .sparse_cpu.runtime import open_runner
+
+        return open_runner(p, prefill_len=prefill_len, max_len=max_len, threads=threads)
     if runtime in ("onnxruntime", "deepsparse"):
         if device != "cpu":
             raise UserError(f"runtime '{runtime}' runs on the CPU; drop --device {device}")

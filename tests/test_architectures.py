@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import ARCHS, SLIDING_WINDOW, byte_tokenizer, save_tiny, tiny_config, tiny_model
+from tiny import ARCHS, SLIDING_WINDOW, save_tiny, tiny_config, tiny_model
 
 from losa_deploy.errors import UserError
 

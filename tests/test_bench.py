@@ -119,6 +119,56 @@ def test_bench_phases_with_fake_runner():
     assert built == [(8, 9)] and set(res["phases"]) == {"prefill_8", "ttft"}
 
 
+def test_bench_sides_interleaves_runners_and_isolates_failures():
+    """Two sides alternate call by call in every phase; a side whose runner cannot be built is an error, not fatal."""
+    from losa_deploy.bench.latency import Side, bench_sides
+
+    log = []
+
+    class R:
+        threads = 1
+
+        def __init__(self, name, p, L):
+            self.name = name
+
+        def reset(self):
+            pass
+
+        def prefill(self, ids):
+            log.append((self.name, "prefill", ids.shape[1]))
+            return np.zeros((1, ids.shape[1], 7), np.float32)
+
+        def decode(self, tok):
+            log.append((self.name, "decode", 1))
+            return np.zeros((1, 7), np.float32)
+
+    built = []
+
+    def broken(p, L):
+        built.append("c")
+        raise RuntimeError("no such engine")
+
+    def make(name):
+        def fac(p, L):
+            built.append(name)
+            return R(name, p, L)
+        return fac
+
+    sides = [Side("a", "dense", make("a")), Side("b", "sparse", make("b"), build_first=True), Side("c", "sparse", broken)]
+    s = LatencySettings(prompt_lens=(4,), decode_past=3, decode_tokens=2, gen_tokens=0, warmup=1, repeats=2)
+    res = bench_sides(sides, s, vocab_size=7)
+    assert res["c/sparse"] == {"status": "error", "note": "RuntimeError: no such engine"}
+    assert res["a/dense"]["status"] == res["b/sparse"]["status"] == "ok"
+    pre = [n for n, kind, L in log if kind == "prefill" and L == 4]
+    assert pre == ["a", "b"] * 6  # prefill_4 then ttft: 3 rounds each (1 warm-up + 2), in `sides` order
+    assert built == ["b", "a", "c", "b", "a"]  # the heavy build first; c failed once and was dropped
+    dec = [n for n, kind, _ in log if kind == "decode"]
+    assert dec == ["a", "a", "b", "b"] * 3  # decode: 1 warm-up + 2 rounds of 2 steps per side
+    for k in ("a/dense", "b/sparse"):
+        assert set(res[k]["phases"]) == {"prefill_4", "ttft", "decode"}
+        assert len(res[k]["phases"]["decode"]["samples_s"]) == 2
+
+
 # ---- arithmetic -------------------------------------------------------------------------------------------------
 
 def test_speedup_arithmetic():
@@ -163,6 +213,25 @@ def test_suite_speedups_headline_and_percent_of_bound():
     assert s["percent_of_bound"]["onnxruntime"]["dense"]["prefill_128"] == pytest.approx(50.0)
 
 
+def test_apply_rates_rederives_bounds_and_percentages():
+    """A second, higher machine-rate probe rescales every bound (work / rate) and the percentages built on them."""
+    ph = _phase(0.5, 128)
+    suite = {"runtimes": {"onnxruntime": {"status": "ok", "dense": {"phases": {"prefill_128": ph}}}},
+             "bounds": {"dense": {"prefill_128": {"work": 100.0, "unit": "FLOP", "rate": 1000.0, "seconds": 0.1},
+                                  "decode": {"work": 50.0, "unit": "B", "rate": 100.0, "seconds": 0.5}}},
+             "kernels": {"linears": {"mlp.up_proj": {"decode": {"bytes": 40.0, "median_s": 0.8, "bound_s": 0.4},
+                                                     "prefill_128": {"flops": 100.0, "median_s": 0.4, "bound_s": 0.1}}},
+                         "total": {"decode": {"median_s": 0.8, "bound_s": 0.4}}}}
+    R.apply_rates(suite, {"flops_per_s": 500.0, "bytes_per_s": 200.0})
+    assert suite["bounds"]["dense"]["prefill_128"]["seconds"] == pytest.approx(0.2)
+    assert suite["bounds"]["dense"]["decode"]["seconds"] == pytest.approx(0.25)
+    assert suite["percent_of_bound"]["onnxruntime"]["dense"]["prefill_128"] == pytest.approx(100 * 0.2 / 0.5)
+    up = suite["kernels"]["linears"]["mlp.up_proj"]
+    assert up["decode"]["bound_s"] == pytest.approx(0.2) and up["decode"]["percent_of_bound"] == pytest.approx(25.0)
+    assert up["prefill_128"]["percent_of_bound"] == pytest.approx(50.0)
+    assert suite["kernels"]["total"]["decode"]["percent_of_bound"] == pytest.approx(25.0)
+
+
 def test_bounds_hand_computed():
     t = [B.TensorInfo("model.layers.0.mlp.up_proj.weight", 4, 16, 16, "block_linear"),  # 75% sparse
          B.TensorInfo("lm_head.weight", 10, 16, 160, "lm_head"),
@@ -185,12 +254,139 @@ def test_bounds_hand_computed():
     assert B.classify("lm_head.weight") == "lm_head" and B.classify("model.embed_tokens.weight") == "embedding"
 
 
+def test_packed_format_bytes_hand_computed():
+    """sparse-cpu streams values + one uint16 mask per 16 inputs (last group padded) + int64 row pointers."""
+    assert B.packed_tensor_bytes(4, 20, 30) == 30 * 4 + 4 * 2 * 2 + 5 * 8
+    assert B.packed_tensor_bytes(1, 16, 0) == 0 + 1 * 1 * 2 + 2 * 8
+    t = [B.TensorInfo("model.layers.0.mlp.up_proj.weight", 4, 16, 16, "block_linear"),
+         B.TensorInfo("lm_head.weight", 10, 16, 160, "lm_head"),
+         B.TensorInfo("model.embed_tokens.weight", 10, 16, 160, "embedding")]
+    inv = B.WeightInventory(t, num_layers=1, hidden=16, num_heads=2, kv_dim=8, other_params=32)
+    pk = B.decode_bytes(inv, past=5, sparse=True, packed=True)
+    assert pk["weights"] == (16 * 4 + 4 * 1 * 2 + 5 * 8) + 4 * 160 + 4 * 16  # packed block + dense lm_head + one row
+    assert pk["kv_cache"] == 2 * 1 * 5 * 8 * 4
+    bd = B.bounds_for(inv, sparse=True, packed=True, prompt_lens=(3,), decode_past=5, flops_per_s=1e3, bytes_per_s=1e3)
+    assert bd["decode"]["work"] == pk["total"] and bd["prefill_3"]["detail"]["linear"] == 2 * 3 * (16 + 160)
+
+
 def test_inventory_of_tied_model_counts_lm_head(tiny_dir):
     inv = B.inventory_from_dir(tiny_dir)
     roles = [t.role for t in inv.tensors]
     assert roles.count("lm_head") == 1 and roles.count("embedding") == 1
     assert sum(r == "block_linear" for r in roles) == 4 * 7
     assert inv.num_layers == 4 and inv.hidden == 64 and inv.kv_dim == 2 * 16
+
+
+# ---- interleaving, per-pair ratios, quotability (pairs.py) --------------------------------------------------------
+
+def test_pair_ratios_and_median():
+    from losa_deploy.bench.pairs import median, pair_ratios
+
+    assert pair_ratios([2.0, 4.0, 6.0], [1.0, 2.0, 2.0]) == [2.0, 2.0, 3.0]
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    with pytest.raises(ValueError, match="same rounds"):
+        pair_ratios([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        pair_ratios([1.0], [0.0])
+
+
+def test_median_interval_order_statistics():
+    from losa_deploy.bench.pairs import median_interval
+
+    # n = 5: no pair of order statistics reaches 95%, so [min, max] with coverage 1 - 2 / 2^5
+    assert median_interval([5.0, 1.0, 4.0, 2.0, 3.0]) == (1.0, 5.0, 1 - 2 / 32)
+    # n = 9: [x_(2), x_(8)], coverage 1 - 2 (1 + 9) / 2^9 = 0.9609 >= 0.95 (x_(3)..x_(7) would be 0.820)
+    lo, hi, cov = median_interval([float(i) for i in range(1, 10)])
+    assert (lo, hi) == (2.0, 8.0) and cov == pytest.approx(1 - 2 * 10 / 512)
+    assert median_interval([7.0]) == (7.0, 7.0, 0.0)
+
+
+def test_ratio_stats_quotable_rule():
+    from losa_deploy.bench.pairs import ratio_stats
+
+    ok = ratio_stats([2.0, 2.1, 1.9, 2.05, 1.95])
+    assert ok["median"] == 2.0 and (ok["ci_low"], ok["ci_high"]) == (1.9, 2.1) and ok["min"] == 1.9 and ok["max"] == 2.1
+    assert ok["rel_width"] == pytest.approx(0.1) and ok["quotable"] and ok["reason"] is None and not ok["crosses_one"]
+    wide = ratio_stats([1.0, 1.5, 0.8, 1.2, 2.0])  # median 1.2, interval 0.8-2.0 = 100% of it
+    assert wide["median"] == 1.2 and wide["rel_width"] == pytest.approx(1.0) and wide["crosses_one"]
+    assert not wide["quotable"] and "spans 100% of the median" in wide["reason"]
+    few = ratio_stats([2.0, 2.0])
+    assert not few["quotable"] and "only 2 pair(s)" in few["reason"]
+    near = ratio_stats([0.9, 1.0, 1.1])  # 3 pairs, interval = min-max 0.9-1.1: 20% of the median, quotable
+    assert near["rel_width"] == pytest.approx(0.2) and near["quotable"] and near["crosses_one"]
+    assert not ratio_stats([0.8, 1.0, 1.25])["quotable"]  # 45% of the median
+
+
+def test_interleave_round_robin_with_fake_clock():
+    """Sides alternate A B A B; warm-up rounds are discarded; a failing side is dropped, the others go on."""
+    from losa_deploy.bench.pairs import interleave
+
+    now = [0.0]
+    order = []
+    cost = {"A": iter([9, 9, 1, 2, 3]), "B": iter([9, 9, 4, 5, 6])}
+
+    def call(name):
+        def fn():
+            order.append(name)
+            now[0] += next(cost[name])
+        return fn
+
+    def setup():
+        now[0] += 100.0  # untimed
+
+    got = interleave({"A": (setup, call("A")), "B": (None, call("B"))}, warmup=2, repeats=3, clock=lambda: now[0])
+    assert order == ["A", "B"] * 5
+    assert got == {"A": [1.0, 2.0, 3.0], "B": [4.0, 5.0, 6.0]}
+    n = {"k": 0}
+
+    def flaky():
+        n["k"] += 1
+        if n["k"] == 2:
+            raise RuntimeError("boom")
+
+    errors = []
+    order.clear()
+    cost["A"] = iter([1, 1, 1])
+    got = interleave({"C": (None, flaky), "A": (None, call("A"))}, warmup=0, repeats=3, clock=lambda: now[0],
+                     on_error=lambda k, e: errors.append((k, str(e))))
+    assert errors == [("C", "boom")] and list(got) == ["A"] and len(got["A"]) == 3
+    with pytest.raises(ZeroDivisionError):  # without on_error a failure propagates
+        interleave({"C": (None, lambda: 1 / 0)}, warmup=0, repeats=1)
+
+
+def _samples(xs, tokens=1):
+    d = summarize(xs).to_dict()
+    d.update(tokens=tokens, tokens_per_s=tokens / d["median_s"])
+    return d
+
+
+def test_speedups_pair_by_round_and_fastest_dense():
+    """The headline pairs sparse-cpu with the fastest dense side of each phase, round by round."""
+    suite = {"name": "model", "runtimes": {
+        # decode: ORT dense is the faster dense side; prefill: sparse-cpu on the dense model is
+        "onnxruntime": {"status": "ok", "dense": {"phases": {"decode": _samples([10.0, 12.0, 30.0]),
+                                                             "prefill_8": _samples([8.0, 8.0, 8.0])}}},
+        "sparse-cpu": {"status": "ok", "dense": {"phases": {"decode": _samples([20.0, 20.0, 20.0]),
+                                                            "prefill_8": _samples([6.0, 6.0, 6.0])}},
+                       "sparse": {"phases": {"decode": _samples([5.0, 12.0, 10.0]),
+                                             "prefill_8": _samples([2.0, 3.0, 4.0])}}},
+    }}
+    s = R.finalize_suite(suite)
+    hl = "sparse-cpu vs fastest dense"
+    assert s["headline"] == hl
+    st = s["speedup_stats"][hl]
+    assert st["decode"]["base"] == "onnxruntime/dense" and st["prefill_8"]["base"] == "sparse-cpu/dense"
+    # per-round ratios 10/5, 12/12, 30/10 = 2, 1, 3: median 2 (the ratio of medians would be 12/10 = 1.2)
+    assert st["decode"]["ratios"] == [2.0, 1.0, 3.0] and s["speedups"][hl]["decode"] == 2.0
+    assert st["prefill_8"]["ratios"] == [3.0, 2.0, 1.5] and s["speedups"][hl]["prefill_8"] == 2.0
+    assert s["speedups"]["sparse-cpu vs onnxruntime dense"]["prefill_8"] == pytest.approx(8 / 3)
+    assert s["speedups"]["sparse-cpu vs sparse-cpu dense"]["decode"] == pytest.approx(20 / 10)
+    assert "deepsparse vs onnxruntime dense" not in s["speedups"]
+    # both headline phases span far more than 25% of their median: flagged, headline not quotable
+    assert not s["headline_quotable"]
+    assert any(f.startswith(f"{hl}: decode:") for f in s["flags"])
+    md = R.render_markdown({"suites": [s], "flags": [f"model: {f}" for f in s["flags"]]})
+    assert "WIDE" in md and "## Flags" in md and "[vs onnxruntime/dense]" in md
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -276,6 +472,17 @@ def test_option_parsing_errors():
     with pytest.raises(UserError, match="unknown runtime"):
         parse_runtimes("onnxruntime,tensorflow")
     assert parse_runtimes("onnxruntime,onnxruntime") == ["onnxruntime"]
+    from losa_deploy.bench import split_variants
+
+    rts = parse_runtimes("onnxruntime:dense,sparse-cpu,deepsparse:sparse,deepsparse:dense")
+    assert split_variants(rts) == (["onnxruntime", "sparse-cpu", "deepsparse"],
+                                   {"onnxruntime": ("dense",), "sparse-cpu": ("dense", "sparse"),
+                                    "deepsparse": ("dense", "sparse")})
+    assert split_variants(None) == (None, {})
+    with pytest.raises(UserError, match=":dense or :sparse"):
+        parse_runtimes("onnxruntime:both")
+    with pytest.raises(UserError, match="unknown runtime"):
+        parse_runtimes("tvm:dense")
 
 
 def test_bad_inputs_are_user_errors(tmp_path, tiny_dir):
@@ -285,6 +492,26 @@ def test_bad_inputs_are_user_errors(tmp_path, tiny_dir):
         run_bench(BenchOptions(sparse_dir=tiny_dir, baseline=None, out=tmp_path / "o"))
     with pytest.raises(UserError, match="--repeats"):
         run_bench(BenchOptions(sparse_dir=tiny_dir, baseline=str(tiny_dir), out=tmp_path / "o", repeats=0))
+
+
+def test_memory_check_for_interleaved_runners(tmp_path, monkeypatch):
+    """All runners of a shape are alive together: their weights must fit in the available memory, else a UserError."""
+    import psutil
+
+    from losa_deploy.bench import check_memory, side_bytes
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, n in ((a, 3000), (b, 1000)):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * n)
+        (d / "sparsity_masks.safetensors").write_bytes(b"x" * 500)  # not loaded by runners
+        (d / "config.json").write_text("{}")
+    assert side_bytes(a) == 3000
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 10_000})())
+    assert check_memory({"x/dense": a, "y/sparse": b}, "model") == {"x/dense": 3000, "y/sparse": 1000}
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 5_000})())
+    with pytest.raises(UserError, match="pass fewer --runtimes"):
+        check_memory({"x/dense": a, "y/sparse": b}, "model")  # 4000 B > 70% of 5000 B
 
 
 # ---- synthetic 7B-shaped blocks (at tiny shapes) ----------------------------------------------------------------
@@ -386,3 +613,66 @@ def test_bench_tiny_exported_model(tiny_pair, tmp_path, text_file):
     assert ppl["dense"]["perplexity"] > 1 and ppl["sparse"]["perplexity"] > 1
     assert suite["bounds"]["sparse"]["decode"]["work"] < suite["bounds"]["dense"]["decode"]["work"]
     assert (out / "report.md").is_file() and (out / "plots" / "speedup.png").is_file()
+
+
+HAS_SPARSE_CPU = importlib.util.find_spec("losa_deploy.sparse_cpu.runtime") is not None and \
+    importlib.util.find_spec("exporters.sparse_cpu_export") is not None
+
+
+@pytest.mark.skipif(not HAS_SPARSE_CPU, reason="sparse-cpu runtime/exporter not in this install")
+def test_bench_tiny_sparse_cpu(tiny_pair, tmp_path, monkeypatch):
+    """sparse-cpu end to end on a tiny pair: exports, interleaved sides, headline vs the fastest dense side, its
+    packed-format bound and the per-linear kernel timing. Machine probes are stubbed (they are not under test)."""
+    from losa_deploy.bench import kernels, sparse_cpu_available
+
+    ok, why = sparse_cpu_available()
+    if not ok:
+        pytest.skip(f"sparse-cpu unavailable: {why}")
+    monkeypatch.setattr(B, "measure_peak_flops", lambda threads: {"flops_per_s": 5e10, "method": "stub"})
+    monkeypatch.setattr(B, "measure_bandwidth", lambda threads=None: {"bytes_per_s": 1e10, "method": "stub"})
+    monkeypatch.setattr(kernels, "MAX_FLUSH", 1 << 20)
+    from losa_deploy.bench import shapes
+
+    monkeypatch.setitem(shapes.SHAPES, "tiny", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                                     num_key_value_heads=4, full_layers=8, full_vocab=4096,
+                                                     rms_norm_eps=1e-5, rope_theta=1e4))
+    dense, sparse = tiny_pair
+    out = tmp_path / "bench"
+    rep, paths = run_bench(BenchOptions(sparse_dir=sparse, baseline=str(dense), out=out, runtimes=["sparse-cpu"],
+                                        threads=1, prompt_lens=(16,), decode_past=16, decode_tokens=4, gen_tokens=0,
+                                        warmup=0, repeats=3, skip_accuracy=True, progress=False,
+                                        shapes="tiny", blocks=1, sparsity=0.5))
+    assert [s["name"] for s in rep["suites"]] == ["model", "shapes:tinyx1"]
+    sh = rep["suites"][1]  # --shapes on sparse-cpu: the synthetic sparse checkpoint is packed from its masks
+    assert sh["runtimes"]["sparse-cpu"]["status"] == "ok", sh["runtimes"]["sparse-cpu"]
+    sh_man = json.loads((Path(sh["sparse_cpu_exports"]["sparse"]) / "export_manifest.json").read_text())
+    assert sh_man["masks_from"] == "sparsity_masks.safetensors"
+    assert {v["kind"] for v in sh_man["linears"].values()} == {"bitmask"}
+    assert sh["kernels"]["linears"]["mlp.up_proj"]["decode"]["sparsity"] == pytest.approx(0.5)
+    suite = rep["suites"][0]
+    sc = suite["runtimes"]["sparse-cpu"]
+    assert sc["status"] == "ok", sc
+    assert Path(sc["sparse"]["model_path"]) == out / "exports" / "model" / "sparse" / "sparse-cpu"
+    man = json.loads((Path(sc["sparse"]["model_path"]) / "export_manifest.json").read_text())
+    assert man["format"] == "sparse-cpu"
+    hl = "sparse-cpu vs fastest dense"
+    assert suite["headline"] == hl and set(suite["speedup_stats"][hl]) == {"prefill_16", "ttft", "decode"}
+    st = suite["speedup_stats"][hl]["decode"]
+    assert st["base"] == "sparse-cpu/dense" and st["paired"] and st["pairs"] == 3
+    d, sp = sc["dense"]["phases"]["decode"]["samples_s"], sc["sparse"]["phases"]["decode"]["samples_s"]
+    assert st["ratios"] == pytest.approx([a / b for a, b in zip(d, sp)])
+    assert isinstance(suite["headline_quotable"], bool) and isinstance(rep["flags"], list)
+    # sparse-cpu is judged against its packed bytes, which exceed the ideal bitmask encoding by the row pointers
+    assert suite["bounds"]["sparse-cpu"]["decode"]["work"] > suite["bounds"]["sparse"]["decode"]["work"]
+    pob = suite["percent_of_bound"]["sparse-cpu"]["sparse"]["decode"]
+    b = suite["bounds"]["sparse-cpu"]["decode"]["seconds"] * 4
+    assert pob == pytest.approx(100 * b / sc["sparse"]["phases"]["decode"]["median_s"])
+    k = suite["kernels"]
+    assert set(k["linears"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    q = k["linears"]["self_attn.q_proj"]
+    assert q["decode"]["layers"] == 2 and q["decode"]["percent_of_bound"] > 0 and q["prefill_16"]["flops"] > 0
+    assert 0.55 < q["decode"]["sparsity"] < 0.65
+    assert k["total"]["decode"]["share_of_step"] > 0
+    md = Path(paths["md"]).read_text()
+    assert "sparse-cpu vs fastest dense (headline)" in md and "kernels per linear" in md

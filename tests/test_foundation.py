@@ -4,14 +4,13 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from losa_deploy.cli import app
-from losa_deploy.data import calibration_ids, eval_text, load_records, wikitext_rows
+from losa_deploy.data import calibration_ids, load_records, wikitext_rows
 from losa_deploy.errors import UserError
 from losa_deploy.evaluation.perplexity import perplexity
 from losa_deploy.models import load_model, resolve_model

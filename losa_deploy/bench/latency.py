@@ -6,19 +6,23 @@ Phases (batch 1, greedy, token ids drawn once from a seeded generator so dense a
   tokens/s = decode_tokens / latency; the per-token latency is latency / decode_tokens.
 - `ttft`: time to first token = prefill of the first prompt length + picking the token (argmax).
 - `e2e_<N>`: end-to-end generation of N tokens after the first prompt (prefill + N-1 decode steps).
-Every phase: `warmup` discarded runs, then `repeats` measured runs; median and p90. The runner is built once per
-shape (its compile time is reported separately, not counted in any phase).
+Every phase: `warmup` discarded rounds, then `repeats` measured rounds; in each round every side (runtime x
+dense/sparse) runs once, in a fixed order, so that drift hits all sides alike and speed-ups pair by round (see
+pairs.py); per side the median and p90. Runners are built once per shape (build time reported separately, not
+counted in any phase); all sides' runners of one shape are alive together.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .timing import PeakMemory, measure
+from ..errors import UserError
+from .pairs import interleave
+from .timing import PeakMemory, current_rss_bytes, release_freed_memory, summarize
 
 
 class Runner(Protocol):
@@ -79,6 +83,135 @@ def _ensure_decode(runner: Any) -> None:
     getattr(runner, "ensure_decode", lambda: None)()
 
 
+SIDE_GAP_S = 0.005  # untimed pause before each timed call: lets the previous runtime's spinning threads sleep
+
+
+@dataclass
+class Side:
+    """One measured (runtime, model variant): its key in reports is `<runtime>/<variant>`."""
+
+    runtime: str
+    variant: str  # "dense" | "sparse"
+    factory: RunnerFactory
+    build_first: bool = False  # a runner whose build peaks high (DeepSparse compiles): built before the others load
+
+    @property
+    def key(self) -> str:
+        return f"{self.runtime}/{self.variant}"
+
+
+def bench_sides(
+    sides: Sequence[Side],
+    settings: LatencySettings,
+    vocab_size: int,
+    *,
+    on_step: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    gap_s: float = SIDE_GAP_S,
+) -> dict[str, dict[str, Any]]:
+    """Measure every phase on every side, interleaved round-robin (see pairs.py), same token ids for all sides.
+
+    Per shape group (each prompt length, then decode), every side's runner is built, then each phase of the group
+    runs `warmup` + `repeats` rounds in which every side runs once, in `sides` order. Sample i of any two sides comes
+    from the same round, so speed-ups pair by index. A side that fails (build or run) is reported with status
+    `error` and the others go on. Returns {side key: {"status", "runner", "threads", "phases", "build_s",
+    "load_rss_bytes", "peak_rss_bytes", "peak_rss_method"} or {"status": "error", "note"}}."""
+    s = settings
+    step = on_step or (lambda _m: None)
+    res: dict[str, dict[str, Any]] = {sd.key: {"status": "ok", "runner": None, "threads": None, "phases": {},
+                                               "build_s": {}, "load_rss_bytes": 0} for sd in sides}
+    active = [sd for sd in sides]
+
+    def fail(key: str, e: BaseException) -> None:
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        res[key] = {"status": "error", "note": f"{type(e).__name__}: {msg}"}
+        active[:] = [sd for sd in active if sd.key != key]
+
+    def build(group: str, prefill_len: int, max_len: int, decode: bool) -> dict[str, Any]:
+        runners: dict[str, Any] = {}
+        # Heavy builds first, while little else is resident: the process peak is then that build's transient alone,
+        # not on top of every other runner. Timing order is unchanged (it follows `sides`).
+        for sd in sorted(active, key=lambda sd: not sd.build_first):
+            step(f"build {group}: {sd.key}")
+            release_freed_memory()
+            rss0 = current_rss_bytes()
+            t0 = time.perf_counter()
+            try:
+                r = sd.factory(prefill_len, max_len)
+                if decode:
+                    _ensure_decode(r)
+            except Exception as e:
+                if isinstance(e, UserError) and len(sides) == 1:
+                    raise
+                fail(sd.key, e)
+                continue
+            d = res[sd.key]
+            d["build_s"][group] = time.perf_counter() - t0
+            release_freed_memory()
+            d["load_rss_bytes"] = max(d["load_rss_bytes"], current_rss_bytes() - rss0)
+            d["threads"], d["runner"] = getattr(r, "threads", None), getattr(r, "name", None)
+            runners[sd.key] = r
+        return {sd.key: runners[sd.key] for sd in active if sd.key in runners}
+
+    def run(phase: str, calls: dict[str, tuple[Any, Any]], tokens: int, warmup: int, extra: dict[str, Any]) -> None:
+        step(phase)
+        got = interleave({k: v for k, v in calls.items() if k in res and res[k]["status"] == "ok"},
+                         warmup=warmup, repeats=s.repeats, clock=clock, on_error=fail, gap_s=gap_s)
+        for k, samples in got.items():
+            res[k]["phases"][phase] = _phase(summarize(samples, warmup), tokens, dict(extra))
+
+    release_freed_memory()
+    start_rss = current_rss_bytes()
+    with PeakMemory() as mem:
+        for k, p in enumerate(s.prompt_lens):
+            first = k == 0
+            max_len = p + max(s.gen_tokens if first else 1, 1)  # runners need prefill_len < max_len
+            runners = build(f"prefill_{p}", p, max_len, first and s.gen_tokens > 0)
+            ids = prompt_ids(p, vocab_size, s.seed, k)
+            run(f"prefill_{p}", {key: (r.reset, lambda r=r: r.prefill(ids)) for key, r in runners.items()},
+                p, s.warmup, {"prompt_len": p})
+            if first:
+                run("ttft", {key: (r.reset, lambda r=r: _argmax_last(r.prefill(ids))) for key, r in runners.items()},
+                    1, s.warmup, {"prompt_len": p})
+                if s.gen_tokens > 0:
+                    def gen(r: Any) -> None:
+                        tok = _argmax_last(r.prefill(ids))
+                        for _ in range(s.gen_tokens - 1):
+                            tok = _argmax_last(r.decode(tok))
+
+                    run(f"e2e_{s.gen_tokens}", {key: (r.reset, lambda r=r: gen(r)) for key, r in runners.items()},
+                        s.gen_tokens, min(s.warmup, 1), {"prompt_len": p, "gen_tokens": s.gen_tokens})
+            del runners
+            release_freed_memory()
+        if s.decode_tokens > 0:
+            runners = build("decode", s.decode_past, s.decode_past + s.decode_tokens, True)
+            past = prompt_ids(s.decode_past, vocab_size, s.seed, 99)
+            first_tok: dict[str, int] = {}
+
+            def setup(key: str, r: Any) -> None:
+                r.reset()
+                first_tok[key] = _argmax_last(r.prefill(past))
+
+            def dec(key: str, r: Any) -> None:
+                tok = first_tok[key]
+                for _ in range(s.decode_tokens):
+                    tok = _argmax_last(r.decode(tok))
+
+            run("decode", {key: (lambda key=key, r=r: setup(key, r), lambda key=key, r=r: dec(key, r))
+                           for key, r in runners.items()},
+                s.decode_tokens, min(s.warmup, 1), {"past": s.decode_past})
+            for key in runners:
+                ph = res[key].get("phases", {}).get("decode")
+                if ph:
+                    ph["ms_per_token"] = 1000.0 * ph["median_s"] / s.decode_tokens
+            del runners
+    for d in res.values():
+        if d["status"] == "ok":
+            d["peak_rss_bytes"], d["peak_rss_method"] = mem.peak_bytes, mem.method
+            d["start_rss_bytes"] = start_rss
+    return res
+
+
 def bench_phases(
     factory: RunnerFactory,
     settings: LatencySettings,
@@ -86,69 +219,12 @@ def bench_phases(
     *,
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure every phase with runners from `factory`; returns {"phases": {...}, "peak_rss_bytes", ...}."""
-    s = settings
-    step = on_step or (lambda _m: None)
-    phases: dict[str, Any] = {}
-    build_s: dict[str, float] = {}
-    threads = None
-    name = None
-    with PeakMemory() as mem:
-        for k, p in enumerate(s.prompt_lens):
-            first = k == 0
-            max_len = p + max(s.gen_tokens if first else 1, 1)  # runners need prefill_len < max_len
-            step(f"build prefill {p}")
-            t0 = time.perf_counter()
-            r = factory(p, max_len)
-            if first and s.gen_tokens > 0:
-                _ensure_decode(r)
-            build_s[f"prefill_{p}"] = time.perf_counter() - t0
-            threads, name = getattr(r, "threads", None), getattr(r, "name", None)
-            ids = prompt_ids(p, vocab_size, s.seed, k)
-            step(f"prefill {p}")
-            st = measure(lambda: r.prefill(ids), warmup=s.warmup, repeats=s.repeats, setup=r.reset)
-            phases[f"prefill_{p}"] = _phase(st, p, {"prompt_len": p})
-            if first:
-                step("ttft")
-                st = measure(lambda: _argmax_last(r.prefill(ids)), warmup=s.warmup, repeats=s.repeats, setup=r.reset)
-                phases["ttft"] = _phase(st, 1, {"prompt_len": p})
-                if s.gen_tokens > 0:
-                    step(f"generate {s.gen_tokens}")
-
-                    def gen() -> None:
-                        tok = _argmax_last(r.prefill(ids))
-                        for _ in range(s.gen_tokens - 1):
-                            tok = _argmax_last(r.decode(tok))
-
-                    st = measure(gen, warmup=min(s.warmup, 1), repeats=s.repeats, setup=r.reset)
-                    phases[f"e2e_{s.gen_tokens}"] = _phase(st, s.gen_tokens, {"prompt_len": p, "gen_tokens": s.gen_tokens})
-            del r
-        if s.decode_tokens > 0:
-            step(f"build decode (past {s.decode_past})")
-            t0 = time.perf_counter()
-            r = factory(s.decode_past, s.decode_past + s.decode_tokens)
-            _ensure_decode(r)
-            build_s["decode"] = time.perf_counter() - t0
-            threads, name = getattr(r, "threads", threads), getattr(r, "name", name)
-            past = prompt_ids(s.decode_past, vocab_size, s.seed, 99)
-            state = {"tok": 0}
-
-            def setup() -> None:
-                r.reset()
-                state["tok"] = _argmax_last(r.prefill(past))
-
-            def dec() -> None:
-                tok = state["tok"]
-                for _ in range(s.decode_tokens):
-                    tok = _argmax_last(r.decode(tok))
-
-            step("decode")
-            st = measure(dec, warmup=min(s.warmup, 1), repeats=s.repeats, setup=setup)
-            phases["decode"] = _phase(st, s.decode_tokens, {
-                "past": s.decode_past, "ms_per_token": 1000.0 * st.median_s / s.decode_tokens})
-            del r
-    return {"runner": name, "threads": threads, "phases": phases, "build_s": build_s,
-            "peak_rss_bytes": mem.peak_bytes, "peak_rss_method": mem.method}
+    """Measure every phase with runners from `factory` alone (one side); returns {"phases": {...}, ...}."""
+    out = bench_sides([Side("one", "x", factory)], settings, vocab_size, on_step=on_step)["one/x"]
+    if out["status"] != "ok":
+        raise RuntimeError(out["note"])
+    out.pop("status")
+    return out
 
 
 def speedup(dense_s: float | None, sparse_s: float | None) -> float | None:

@@ -11,19 +11,28 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import UserError
 from .latency import speedup
+from .pairs import MAX_REL_WIDTH, MIN_PAIRS
 
 SCHEMA = "losa-deploy/bench-report"
 VERSION = 1
 COMPARE_SCHEMA = "losa-deploy/bench-compare"
 
-# Which pairs a suite's speed-ups compare: (label, dense runtime, sparse runtime). The first that is present is the
-# headline. DeepSparse vs ONNX Runtime on the same graph is the fair CPU comparison (ORT has no sparse kernels).
+# Which sides a suite's speed-ups compare: (label, base side, test side), side = "<runtime>/<dense|sparse>"; the
+# speed-up is base / test per interleaved round (pairs.py). The first comparison present is the headline.
+# FASTEST_DENSE: per phase, the dense CPU side with the lowest median latency in the same rounds (the strongest
+# dense baseline this machine has installed: ONNX Runtime, DeepSparse dense, torch or sparse-cpu on the dense model).
+FASTEST_DENSE = "fastest-dense"
+DENSE_CPU_SIDES = ("onnxruntime/dense", "deepsparse/dense", "torch/dense", "sparse-cpu/dense")
 COMPARISONS: tuple[tuple[str, str, str], ...] = (
-    ("deepsparse vs onnxruntime dense", "onnxruntime", "deepsparse"),
-    ("torch-2of4 vs torch dense (GPU)", "torch-cuda", "torch-2of4"),
-    ("deepsparse vs deepsparse dense", "deepsparse", "deepsparse"),
-    ("onnxruntime vs onnxruntime dense", "onnxruntime", "onnxruntime"),
-    ("torch vs torch dense", "torch", "torch"),
+    ("sparse-cpu vs fastest dense", FASTEST_DENSE, "sparse-cpu/sparse"),
+    ("deepsparse vs onnxruntime dense", "onnxruntime/dense", "deepsparse/sparse"),
+    ("torch-2of4 vs torch dense (GPU)", "torch-cuda/dense", "torch-2of4/sparse"),
+    ("sparse-cpu vs onnxruntime dense", "onnxruntime/dense", "sparse-cpu/sparse"),
+    ("sparse-cpu vs deepsparse sparse", "deepsparse/sparse", "sparse-cpu/sparse"),
+    ("sparse-cpu vs sparse-cpu dense", "sparse-cpu/dense", "sparse-cpu/sparse"),
+    ("deepsparse vs deepsparse dense", "deepsparse/dense", "deepsparse/sparse"),
+    ("onnxruntime vs onnxruntime dense", "onnxruntime/dense", "onnxruntime/sparse"),
+    ("torch vs torch dense", "torch/dense", "torch/sparse"),
 )
 
 
@@ -109,22 +118,65 @@ def phase_names(suite: dict[str, Any]) -> list[str]:
     return sorted(names, key=key)
 
 
-def compute_speedups(suite: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """{comparison label: {phase: dense median / sparse median}} for every comparison whose runtimes both ran."""
-    rts = suite.get("runtimes", {})
-    out: dict[str, dict[str, float | None]] = {}
-    for label, dense_rt, sparse_rt in COMPARISONS:
-        d = (rts.get(dense_rt) or {}).get("dense")
-        s = (rts.get(sparse_rt) or {}).get("sparse")
-        if not d or not s:
+def side_phases(suite: dict[str, Any], side: str) -> dict[str, Any] | None:
+    """The phases of one measured side ("onnxruntime/dense") of a suite, or None when it did not run."""
+    rt, _, var = side.partition("/")
+    res = suite.get("runtimes", {}).get(rt) or {}
+    m = res.get(var)
+    return m.get("phases") if isinstance(m, dict) and m.get("phases") else None
+
+
+def pair_stats(base: dict[str, Any], test: dict[str, Any]) -> dict[str, Any] | None:
+    """Speed-up statistics of one phase, base / test: from per-round pairs when both sides have the same number of
+    samples (interleaved rounds), else the ratio of medians only (`paired` false, nothing to quote it with)."""
+    from .pairs import pair_ratios, ratio_stats
+
+    bs, ts = base.get("samples_s") or [], test.get("samples_s") or []
+    if bs and len(bs) == len(ts) and min(bs) > 0 and min(ts) > 0:
+        return {"paired": True, **ratio_stats(pair_ratios(bs, ts))}
+    v = speedup(base.get("median_s"), test.get("median_s"))
+    if v is None:
+        return None
+    return {"paired": False, "median": v, "quotable": False, "reason": "samples not from the same rounds"}
+
+
+def fastest_dense(suite: dict[str, Any], phase: str) -> str | None:
+    """The dense CPU side with the lowest median latency for `phase` (ties: the first in DENSE_CPU_SIDES)."""
+    best, best_t = None, None
+    for side in DENSE_CPU_SIDES:
+        ph = (side_phases(suite, side) or {}).get(phase)
+        if ph and ph.get("median_s") and (best_t is None or ph["median_s"] < best_t):
+            best, best_t = side, ph["median_s"]
+    return best
+
+
+def compute_speedup_stats(suite: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{comparison label: {phase: stats + "base"/"test" side}} for every comparison whose two sides both ran."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for label, base, test in COMPARISONS:
+        tp = side_phases(suite, test)
+        if not tp:
             continue
-        ph = {}
+        ph: dict[str, dict[str, Any]] = {}
         for name in phase_names(suite):
-            dp, sp = d["phases"].get(name), s["phases"].get(name)
-            if dp and sp:
-                ph[name] = speedup(dp["median_s"], sp["median_s"])
-        out[label] = ph
+            b = fastest_dense(suite, name) if base == FASTEST_DENSE else base
+            if b is None or b == test:
+                continue
+            bp = (side_phases(suite, b) or {}).get(name)
+            st = pair_stats(bp, tp[name]) if bp and tp.get(name) else None
+            if st is not None:
+                ph[name] = {"base": b, "test": test, **st}
+        if ph:
+            out[label] = ph
     return out
+
+
+def compute_speedups(suite: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """{comparison label: {phase: median of the per-round base/test ratios}} (see compute_speedup_stats)."""
+    stats = suite.get("speedup_stats")
+    if stats is None:
+        stats = compute_speedup_stats(suite)
+    return {label: {ph: st["median"] for ph, st in phs.items()} for label, phs in stats.items()}
 
 
 def headline(suite: dict[str, Any]) -> str | None:
@@ -133,6 +185,22 @@ def headline(suite: dict[str, Any]) -> str | None:
         if label in sp:
             return label
     return None
+
+
+def spread_flags(suite: dict[str, Any]) -> list[str]:
+    """One line per speed-up that is too wide to quote (pairs.py's rule), headline first."""
+    stats = suite.get("speedup_stats") or {}
+    hl = suite.get("headline")
+    labels = ([hl] if hl in stats else []) + [k for k in stats if k != hl]
+    return [f"{label}: {ph}: {st.get('reason')}" for label in labels for ph, st in stats[label].items()
+            if not st.get("quotable")]
+
+
+def _bound_key(bounds: dict[str, Any], rt: str, var: str) -> str:
+    """Which bound a runtime's measurement is judged against: sparse-cpu's own packed format where it has one."""
+    if rt == "sparse-cpu" and var == "sparse" and "sparse-cpu" in bounds:
+        return "sparse-cpu"
+    return var
 
 
 def compute_percent_of_bound(suite: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
@@ -144,9 +212,10 @@ def compute_percent_of_bound(suite: dict[str, Any]) -> dict[str, dict[str, dict[
     for rt, res in suite.get("runtimes", {}).items():
         for var in ("dense", "sparse"):
             r = res.get(var)
-            if not r or var not in b:
+            key = _bound_key(b, rt, var)
+            if not r or not r.get("phases") or key not in b:
                 continue
-            for phase, bound in b[var].items():
+            for phase, bound in b[key].items():
                 meas = r["phases"].get(phase)
                 if not meas:
                     continue
@@ -157,9 +226,36 @@ def compute_percent_of_bound(suite: dict[str, Any]) -> dict[str, dict[str, dict[
     return out
 
 
+def apply_rates(suite: dict[str, Any], rates: dict[str, Any]) -> dict[str, Any]:
+    """Re-derive every bound of a suite from new machine rates (bound = work / rate; prefill work in FLOP, decode in
+    bytes), including the per-linear kernel bounds, then its percentages."""
+    for bounds in (suite.get("bounds") or {}).values():
+        for b in bounds.values():
+            b["rate"] = rates["flops_per_s"] if b.get("unit") == "FLOP" else rates["bytes_per_s"]
+            b["seconds"] = b["work"] / b["rate"]
+    kern = suite.get("kernels") or {}
+    totals: dict[str, float] = {}
+    for phases in (kern.get("linears") or {}).values():
+        for ph, d in phases.items():
+            d["bound_s"] = d["bytes"] / rates["bytes_per_s"] if "bytes" in d else d["flops"] / rates["flops_per_s"]
+            d["percent_of_bound"] = 100.0 * d["bound_s"] / d["median_s"] if d["median_s"] > 0 else None
+            totals[ph] = totals.get(ph, 0.0) + d["bound_s"]
+    for ph, tot in (kern.get("total") or {}).items():
+        if ph in totals:
+            tot["bound_s"] = totals[ph]
+            tot["percent_of_bound"] = 100.0 * tot["bound_s"] / tot["median_s"] if tot["median_s"] > 0 else None
+    suite["machine_rates"] = rates
+    suite["percent_of_bound"] = compute_percent_of_bound(suite)
+    return suite
+
+
 def finalize_suite(suite: dict[str, Any]) -> dict[str, Any]:
+    suite["speedup_stats"] = compute_speedup_stats(suite)
     suite["speedups"] = compute_speedups(suite)
     suite["headline"] = headline(suite)
+    suite["flags"] = spread_flags(suite)
+    suite["headline_quotable"] = (None if suite["headline"] is None else
+                                  all(st.get("quotable") for st in suite["speedup_stats"][suite["headline"]].values()))
     suite["percent_of_bound"] = compute_percent_of_bound(suite)
     return suite
 
@@ -200,6 +296,16 @@ def _x(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _xs(st: dict[str, Any] | None) -> str:
+    """A speed-up with its interval, marked when too wide to quote: `1.85x (1.70-2.02)` or `1.2x (0.8-1.9) WIDE`."""
+    if not st:
+        return "-"
+    txt = _x(st.get("median"))
+    if st.get("paired"):
+        txt += f" ({st['ci_low']:.2f}-{st['ci_high']:.2f})"
+    return txt + ("" if st.get("quotable") else " WIDE")
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}%"
 
@@ -214,44 +320,86 @@ def suite_rows(suite: dict[str, Any]) -> list[list[str]]:
     rows = []
     pob = suite.get("percent_of_bound", {})
     for rt, res in suite.get("runtimes", {}).items():
-        if res.get("status") != "ok":
+        d, s = res.get("dense") or {}, res.get("sparse") or {}
+        if not d and not s:
             rows.append([rt, "-", "-", "-", "-", "-", "-", f"{res.get('status')}: {res.get('note', '')}"])
             continue
-        d, s = res.get("dense") or {}, res.get("sparse") or {}
+        note = f"{res.get('status')}: {res.get('note', '')}" if res.get("status") != "ok" else ""
         for ph in phase_names(suite):
             dp, sp = d.get("phases", {}).get(ph), s.get("phases", {}).get(ph)
             if not dp and not sp:
                 continue
+            st = pair_stats(dp, sp) if dp and sp else None
             rows.append([
                 rt, ph,
                 f"{_ms(dp and dp['median_s'])} ({_ms(dp and dp['p90_s'])})",
                 f"{_ms(sp and sp['median_s'])} ({_ms(sp and sp['p90_s'])})",
-                _x(speedup(dp and dp["median_s"], sp and sp["median_s"])),
+                _xs(st),
                 _tps(sp and sp.get("tokens_per_s")),
                 f"{_pct(pob.get(rt, {}).get('dense', {}).get(ph))} / {_pct(pob.get(rt, {}).get('sparse', {}).get(ph))}",
-                "",
+                note,
             ])
+            note = ""
     return rows
+
+
+def _minmax(st: dict[str, Any]) -> str:
+    return f"{st['min']:.2f}-{st['max']:.2f}" if st.get("paired") else "-"
+
+
+def _base_note(st: dict[str, Any] | None, label: str) -> str:
+    """For the fastest-dense comparison, which dense runtime it was in that phase."""
+    if not st or "fastest" not in label:
+        return ""
+    return f" [vs {st.get('base')}]"
+
+
+KERNEL_HEADER = ["linear", "phase", "kernel ms", "bound ms", "% bound", "MB read / GFLOP", "layers"]
+
+
+def kernel_rows(suite: dict[str, Any]) -> list[list[str]]:
+    """Rows of the per-linear kernel timing (sparse-cpu's kernels, each linear summed over layers)."""
+    k = suite.get("kernels") or {}
+    rows = []
+    for name, phs in (k.get("linears") or {}).items():
+        for ph, d in phs.items():
+            work = f"{d['bytes'] / 1e6:.2f} MB" if ph == "decode" else f"{d['flops'] / 1e9:.3f} GFLOP"
+            rows.append([name, ph, f"{1000 * d['median_s']:.3f}", f"{1000 * d['bound_s']:.3f}",
+                         _pct(d.get("percent_of_bound")), work, str(d.get("layers"))])
+    return rows
+
+
+def _kernel_note(suite: dict[str, Any]) -> str:
+    k = suite.get("kernels") or {}
+    return k.get("method", "")
 
 
 ROW_HEADER = ["runtime", "phase", "dense ms (p90)", "sparse ms (p90)", "speed-up", "sparse tok/s", "% bound d/s", "note"]
 
 
 def rich_tables(rep: dict[str, Any]) -> list[Any]:
+    from rich.markup import escape
     from rich.table import Table
 
     tables = []
     for suite in rep.get("suites", []):
         t = Table(*ROW_HEADER, title=f"{suite['name']}: {suite.get('description', '')}", title_justify="left")
         for r in suite_rows(suite):
-            t.add_row(*r)
+            t.add_row(*[escape(c) for c in r])
         tables.append(t)
         hl = suite.get("headline")
         if hl:
-            h = Table("phase", "speed-up", title=f"headline ({suite['name']}): {hl}", title_justify="left")
-            for ph, v in suite["speedups"][hl].items():
-                h.add_row(ph, _x(v))
+            h = Table("phase", "speed-up (interval)", "min-max", "pairs", "dense side",
+                      title=f"headline ({suite['name']}): {hl}", title_justify="left")
+            for ph, st in (suite.get("speedup_stats") or {}).get(hl, {}).items():
+                h.add_row(ph, _xs(st), _minmax(st), str(st.get("pairs", "-")), escape(st.get("base", "-")))
             tables.append(h)
+        ks = kernel_rows(suite)
+        if ks:
+            k = Table(*KERNEL_HEADER, title=f"sparse-cpu kernels per linear ({suite['name']})", title_justify="left")
+            for r in ks:
+                k.add_row(*r)
+            tables.append(k)
     acc = accuracy_rows(rep)
     if acc:
         t = Table("metric", "dense", "sparse", title="accuracy", title_justify="left")
@@ -259,6 +407,19 @@ def rich_tables(rep: dict[str, Any]) -> list[Any]:
             t.add_row(*r)
         tables.append(t)
     return tables
+
+
+def headline_lines(rep: dict[str, Any]) -> list[str]:
+    """One line per suite: its headline speed-up per phase with interval, marked WIDE when not quotable."""
+    out = []
+    for suite in rep.get("suites", []):
+        hl = suite.get("headline")
+        if not hl:
+            continue
+        stats = (suite.get("speedup_stats") or {}).get(hl, {})
+        out.append(f"{suite['name']}: {hl}: " + ", ".join(f"{ph} {_xs(st)}{_base_note(st, hl)}"
+                                                         for ph, st in stats.items()))
+    return out
 
 
 def accuracy_rows(rep: dict[str, Any]) -> list[list[str]]:
@@ -318,11 +479,23 @@ def render_markdown(rep: dict[str, Any]) -> str:
         for r in suite_rows(suite):
             lines.append("| " + " | ".join(r) + " |")
         lines.append("")
+        stats = suite.get("speedup_stats") or {}
         for label, ph in (suite.get("speedups") or {}).items():
             star = " (headline)" if label == suite.get("headline") else ""
-            lines.append(f"- speed-up, {label}{star}: " + ", ".join(f"{k} {_x(v)}" for k, v in ph.items()))
+            phs = stats.get(label) or {}
+            lines.append(f"- speed-up, {label}{star}: " + ", ".join(
+                f"{k} {_xs(phs.get(k)) if k in phs else _x(v)}" + _base_note(phs.get(k), label) for k, v in ph.items()))
+        if stats:
+            lines.append("- speed-up = median of per-round ratios (dense and sparse interleaved), (interval) = "
+                         "distribution-free interval of that median; WIDE = too wide to quote (see Flags)")
+        ks = kernel_rows(suite)
+        if ks:
+            lines += ["", f"sparse-cpu kernels per linear, in isolation ({_kernel_note(suite)}):", "",
+                      "| " + " | ".join(KERNEL_HEADER) + " |", "|" + "---|" * len(KERNEL_HEADER)]
+            lines += ["| " + " | ".join(r) + " |" for r in ks]
+            lines.append("")
         b = suite.get("bounds") or {}
-        for var in ("dense", "sparse"):
+        for var in ("dense", "sparse", "sparse-cpu"):
             if var in b:
                 lines.append(f"- physical bound, {var}: " + ", ".join(
                     f"{k} {1000 * v['seconds']:.2f} ms" + (" per token" if k == "decode" else "") for k, v in b[var].items()))
@@ -336,6 +509,9 @@ def render_markdown(rep: dict[str, Any]) -> str:
         lines += ["## Accuracy", "", "| metric | dense | sparse |", "|---|---|---|"]
         lines += ["| " + " | ".join(r) + " |" for r in acc]
         lines.append("")
+    if rep.get("flags"):
+        lines += ["## Flags", "", f"Speed-ups too wide to quote (rule: >= {MIN_PAIRS} pairs and interval width <= "
+                  f"{100 * MAX_REL_WIDTH:.0f}% of the median):", ""] + [f"- {f}" for f in rep["flags"]] + [""]
     if rep.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in rep["notes"]] + [""]
     return "\n".join(lines)
@@ -448,6 +624,7 @@ def compare_reports(reports: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, 
                 "report": label, "suite": suite["name"],
                 "sparsity": suite.get("sparsity", sp_model.get("sparsity")),
                 "comparison": hl, "speedups": (suite.get("speedups") or {}).get(hl, {}) if hl else {},
+                "quotable": suite.get("headline_quotable"),
                 "perplexity_dense": (ppl.get("dense") or {}).get("perplexity"),
                 "perplexity_sparse": (ppl.get("sparse") or {}).get("perplexity"),
             })
@@ -468,7 +645,8 @@ def compare_table_rows(cmp: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     rows = []
     for r in cmp["rows"]:
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        rows.append([r["report"], r["suite"], _pct(None if r["sparsity"] is None else 100 * r["sparsity"]), r["comparison"] or "-"]
+        comp = (r["comparison"] or "-") + (" (WIDE)" if r.get("quotable") is False else "")
+        rows.append([r["report"], r["suite"], _pct(None if r["sparsity"] is None else 100 * r["sparsity"]), comp]
                     + [_x(r["speedups"].get(p)) for p in phases] + [f(r["perplexity_dense"]), f(r["perplexity_sparse"])])
     return header, rows
 

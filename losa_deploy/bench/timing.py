@@ -113,6 +113,19 @@ def current_rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc malloc_trim), so that the transient copies a
+    runner makes while loading do not stay resident and stack up under the next runner's."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark (Linux >= 4.0). False where not possible."""
     try:

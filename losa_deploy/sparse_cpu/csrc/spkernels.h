@@ -11,8 +11,8 @@
  *                row_ptr[r] (row_ptr has rows + 1 entries, row_ptr[rows] = number of kept weights).
  *   SP_NM        N of every M consecutive inputs kept (M in {4, 8}, cols % M == 0): masks as for SP_BITMASK,
  *                values as for SP_BITMASK; kernels may use the fixed count (row_ptr[r] = r * cols / M * N).
- * Threads: kernels parallelise over output rows with OpenMP (sp_set_threads); they must not be called from inside
- * another OpenMP parallel region of the caller.
+ * Threads: kernels parallelise over output rows on the library's own pthread pool (sp_set_threads); calls from
+ * several caller threads are serialised.
  */
 #ifndef LOSA_SPKERNELS_H
 #define LOSA_SPKERNELS_H
@@ -49,6 +49,41 @@ int sp_cpu_supports(int isa);
 void sp_set_threads(int n);
 int sp_get_threads(void);
 const char *sp_version(void);
+
+
+/* ---- additions (kernels' owner) ---------------------------------------------------------------------------- */
+/* Error codes returned by the kernels (0 = success). */
+enum sp_error {
+    SP_EINVAL = -1, /* a NULL pointer, or n < 1 in a batch */
+    SP_EKIND = -2,  /* unknown kind */
+    SP_ESHAPE = -3, /* rows < 0, cols < 1, t < 0, or batch matrices with different cols */
+    SP_ENM = -4,    /* SP_NM with m not in {4, 8}, n not in 1..m, or cols % m != 0 */
+    SP_EDTYPE = -5, /* values dtype not supported by this build */
+    SP_ENOMEM = -6  /* scratch allocation failed */
+};
+/* Several matrices that share the input (q, k, v; gate, up) in ONE parallel dispatch: y[i] = W[i] x.
+ * All w[i] must have the same cols. Cheaper than n separate calls when each matrix is small. */
+int sp_gemv_batch(int n, const sp_matrix *const *w, const float *x, float *const *y);
+/* Y[i][t][rows_i] = X W[i]^T for each i, X: [T][cols] shared. */
+int sp_gemm_batch(int n, const sp_matrix *const *w, const float *x, int64_t t, float *const *y);
+/* Thread pool (own pthreads, not OpenMP): idle workers spin this many microseconds after a call before sleeping
+ * on a futex (default 100). 0 = sleep at once (lowest CPU use, ~5-10 us wake-up per call). */
+void sp_set_spin(int microseconds);
+int sp_get_spin(void);
+/* "portable", "avx2", "avx512" (or "auto" for anything else). */
+const char *sp_isa_name(int isa);
+
+/* The same pool for the executor's own loops (attention heads, ...): runs fn(arg, p, nparts) once for every
+ * p < nparts and returns when all are done. Parts are claimed dynamically by the calling thread and the pool's
+ * workers (any part may run on any thread, so index scratch by part, not by thread). The library is built WITHOUT
+ * -fopenmp (only -fopenmp-simd), so `#pragma omp parallel` is ignored: use this instead. Not from inside fn. */
+typedef void (*sp_parallel_fn)(void *arg, int part, int nparts);
+void sp_parallel(sp_parallel_fn fn, void *arg, int nparts);
+
+/* n independent products one after another, each its own parallel dispatch, exactly as an executor calls them
+ * (stops at the first error). For timing the per-call cost without an interpreter in the loop. */
+int sp_gemv_seq(int n, const sp_matrix *const *w, const float *x, float *const *y);
+int sp_gemm_seq(int n, const sp_matrix *const *w, const float *x, int64_t t, float *const *y);
 
 #ifdef __cplusplus
 }
