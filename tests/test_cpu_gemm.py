@@ -79,4 +79,4 @@ def test_machine_rate_probes_report_the_fastest_kernel() -> None:
     assert fl["flops_per_s"] == max(fl["by_kernel"].values()) > 0
     assert "torch.mm" in fl["by_kernel"] and ("onednn" in fl["by_kernel"]) == onednn_usable()
     bw = measure_bandwidth(nbytes=8 * 2**20, repeats=1, threads=1)
-    assert bw["bytes_per_s"] == max(bw["by_probe"].values()) > 0 and set(bw["by_probe"]) == {"copy", "read"}
+    assert bw["bytes_per_s"] == max(bw["by_probe"].values()) > 0 and {"copy", "read"} <= set(bw["by_probe"]) <= {"copy", "read", "sparse-cpu dense gemv"}
