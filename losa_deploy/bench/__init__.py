@@ -1,6 +1,6 @@
 """`bench`: latency (per runtime and phase) and accuracy of a sparse model against its dense baseline, as a report.
 
-`run_bench(BenchOptions)` does the work; `losa_deploy/cli_bench.py` only parses flags. Fairness rules:
+`run_bench(BenchOptions)` does the work; `losa_deploy/cli/bench.py` only parses flags. Fairness rules:
 - dense and sparse run through the same runtime, graph format (the DeepSparse-contract fixed-shape model.onnx),
   threads, prompt lengths and token ids;
 - ONNX Runtime is the dense CPU baseline (no sparse kernels); DeepSparse runs the sparse model (and the dense one too);
