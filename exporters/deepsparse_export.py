@@ -17,11 +17,11 @@ import numpy as np
 from losa_deploy.artifact import write_export_manifest
 from losa_deploy.atomic import atomic_dir
 from losa_deploy.console import err
+from losa_deploy.graph_contract import io_names, kv_geometry
 
 from .common import base_manifest, check_model_dir, check_zero_patterns, copy_tokenizer_and_config, load_masks, load_source
 from .verify import LOGIT_ATOL_FP32, compare, prompt_ids, run_deepsparse_probe, torch_reference
-from .wrapper import (WRAPPER_TYPES, check_wrapper_support, export_wrapper_onnx, io_names, kv_geometry,
-                      rotary_table_limit)
+from .wrapper import WRAPPER_TYPES, check_wrapper_support, export_wrapper_onnx, rotary_table_limit
 
 SUPPORTED_TYPES = WRAPPER_TYPES
 SPARSE_LAYER_THRESHOLD = 0.5  # zeros share from which we list a layer as sparse (our threshold, not DeepSparse's)

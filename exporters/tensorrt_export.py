@@ -17,11 +17,12 @@ import numpy as np
 from losa_deploy.artifact import write_export_manifest
 from losa_deploy.atomic import atomic_dir
 from losa_deploy.console import err
+from losa_deploy.graph_contract import io_names, kv_geometry
 from losa_deploy.errors import UserError
 
 from .common import base_manifest, check_model_dir, check_zero_patterns, copy_tokenizer_and_config, linear_weights, load_masks, load_source
 from .verify import LOGIT_ATOL_FP16, compare, prompt_ids, torch_reference
-from .wrapper import export_wrapper_onnx, graph_parity_fp32, io_names, kv_geometry
+from .wrapper import export_wrapper_onnx, graph_parity_fp32
 
 ALIGN = 16  # fp16 sparse tensor-core kernels need K and N multiples of 16 (conservative; cuSPARSELt's fp16 rule)
 DENSE_BELOW = 0.25  # a weight with fewer zeros than this is reported "dense", not "wrong pattern"

@@ -21,7 +21,8 @@ def profile_dirs() -> list[Path]:
         dirs.append(Path(os.environ["LOSA_DEPLOY_PROFILES"]))
     dirs.append(Path.home() / ".config" / "losa-deploy" / "profiles")
     here = Path(__file__).resolve().parent
-    dirs += [here.parent / "profiles", here / "profiles"]  # source checkout, then installed package data
+    # source checkout (top-level profiles/), then the installed copy the build puts in the package (setup.py)
+    dirs += [here.parent / "profiles", here / "profiles_data"]
     return [d for d in dirs if d.is_dir()]
 
 

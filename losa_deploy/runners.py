@@ -26,6 +26,7 @@ import numpy as np
 
 from .artifact import EXPORT_MANIFEST_NAME, read_export_manifest
 from .errors import UserError
+from .graph_contract import engine_shapes, kv_geometry, static_graph_copy
 
 RUNTIMES = ("torch", "onnxruntime", "deepsparse", "torch-2of4", "sparse-cpu")
 
@@ -64,8 +65,6 @@ class _FixedShapeKVRunner:
     name = "base"
 
     def __init__(self, onnx_path: Path, config: Any, prefill_len: int, max_len: int, threads: int) -> None:
-        from exporters.wrapper import kv_geometry
-
         if prefill_len < 1 or max_len <= prefill_len:
             raise UserError(f"need 1 <= prefill_len < max_len (got prefill_len={prefill_len}, max_len={max_len})")
         self.onnx_path = Path(onnx_path)
@@ -154,8 +153,6 @@ class DeepSparseRunner(_FixedShapeKVRunner):
 
     def __init__(self, onnx_path: Path, config: Any, prefill_len: int, max_len: int, threads: int) -> None:
         self._deepsparse = require_deepsparse()
-        from exporters.wrapper import engine_shapes, static_graph_copy
-
         self._tmp = tempfile.TemporaryDirectory(prefix="losa-ds-")
         self._graphs = {seq: static_graph_copy(str(onnx_path), self._tmp.name, label, engine_shapes(config, seq, max_len))
                         for seq, label in ((prefill_len, "prefill"), (1, "decode"))}

@@ -398,7 +398,7 @@ def test_truncated_weights_same_error_everywhere(sparse_dir, text_file, tmp_path
 # ---- bench's inputs and output folder ---------------------------------------------------------------------------
 
 def test_bench_checks_inputs_first_and_owns_its_out(sparse_dir, tmp_path, monkeypatch, capsys):
-    import losa_deploy.bench as B
+    import losa_deploy.bench.run as B
 
     dense = str(sparse_dir.parent / "dense")
     bad = tmp_path / "piqa.jsonl"

@@ -182,3 +182,19 @@ def test_missing_deepsparse_says_how_to_get_it(monkeypatch, ds_dir, tmp_path):
     with pytest.raises(UserError, match="pip install deepsparse"):
         export_deepsparse(ds_dir, tmp_path / "out", prefill_len=PL, max_len=ML)
     assert not (tmp_path / "out").exists()
+
+
+
+def test_runners_and_graph_contract_import_no_exporter_code():
+    """The layering: graph_contract sits below runners and exporters; neither module imports exporters/, not even
+    inside a function."""
+    import ast
+
+    import losa_deploy.graph_contract as gc
+    import losa_deploy.runners as rn
+
+    for mod in (rn, gc):
+        tree = ast.parse(Path(mod.__file__).read_text(encoding="utf-8"))
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
+        assert not [m for m in names if m.split(".")[0] == "exporters"], mod.__name__

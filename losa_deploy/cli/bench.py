@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from .cli import app
-from .errors import UserError
+from ..errors import UserError
+from .app import app
 
 
 @app.command()
@@ -57,8 +57,8 @@ def bench(
 
       losa-deploy bench --compare runs/s50/bench/report.json --compare runs/s70/bench/report.json --out runs/compare
     """
-    from . import bench as B
-    from .console import out as console
+    from .. import bench as B
+    from ..console import out as console
 
     cmp_paths = [Path(p) for c in compare for p in str(c).split(",") if p]
     if sparse_dir is None:

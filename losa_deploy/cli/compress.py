@@ -7,9 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from .cli import app
-from .console import out
-from .errors import UserError
+from ..console import out
+from ..errors import UserError
+from .app import app
 
 _EXAMPLES = "\n\n".join([
     "[bold]Examples:[/bold]",
@@ -80,9 +80,9 @@ def compress(
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout instead of the table."),
 ) -> None:
     """Prune a dense causal LM block by block (Wanda / SparseGPT / magnitude, or LoSA) and save a sparse HF checkpoint."""
-    from .compress import command_line, run_compress
-    from .profiles import load_profile, merge, section
-    from .recipe import CompressRecipe
+    from ..compress import command_line, run_compress
+    from ..profiles import load_profile, merge, section
+    from ..recipe import CompressRecipe
 
     prof = load_profile(profile) if profile else None
     cli = {

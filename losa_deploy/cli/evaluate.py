@@ -1,54 +1,16 @@
-"""The `losa-deploy` command line: thin Typer commands that parse, load a profile, call, and print.
-
-Each command group lives in its own module (cli_*.py) and registers itself on `app`.
-"""
+"""`losa-deploy evaluate` (perplexity / zero-shot) and `losa-deploy profiles list|show`."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from . import __version__
-from .console import err, out
-from .errors import UserError
-
-app = typer.Typer(
-    name="losa-deploy",
-    help="Turn a dense Hugging Face causal LM into a fast sparse model, and prove it.\n\n"
-    "Typical flow: compress -> export -> bench. Example:\n\n"
-    "  losa-deploy compress --profile cpu-70pct --out runs/sparse70\n\n"
-    "  losa-deploy export runs/sparse70 --format deepsparse\n\n"
-    "  losa-deploy bench runs/sparse70 --baseline smollm2-135m",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode="rich",
-)
-profiles_app = typer.Typer(help="List and show named profiles (profiles/*.toml).", no_args_is_help=True)
-app.add_typer(profiles_app, name="profiles")
-
-_state = {"debug": False}
-
-
-def _version(value: bool) -> None:
-    if value:
-        out.print(f"losa-deploy {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks, and third-party warnings and logs."),
-) -> None:
-    from .quiet import configure
-
-    _state["debug"] = debug
-    configure(debug)
+from ..console import out
+from ..errors import UserError
+from .app import app, profiles_app
 
 
 @app.command()
@@ -72,14 +34,14 @@ def evaluate(
 
     losa-deploy evaluate smollm2-135m --task-data piqa=../shared/data/piqa/valid.jsonl --limit 200 --json out.json
     """
-    from .atomic import write_json
-    from .cpu_gemm import cpu_gemm, resolve_cpu_gemm
-    from .models import load_model
+    from ..atomic import write_json
+    from ..cpu_gemm import cpu_gemm, resolve_cpu_gemm
+    from ..models import load_model
 
     resolve_cpu_gemm()  # a bad LOSA_DEPLOY_CPU_GEMM fails before the model load
     zs_tasks: dict[str, str | None] = {}
     if tasks or task_data:
-        from .evaluation.zeroshot import parse_task_args
+        from ..evaluation.zeroshot import parse_task_args
 
         zs_tasks = parse_task_args(tasks, task_data)
     if limit is not None and limit < 1:
@@ -94,20 +56,20 @@ def evaluate(
             raise UserError(f"--max-tokens ({max_tokens}) must be at least one window (--seqlen {seqlen})")
     if zs_tasks:
         # Read and check every task file before the model load, so a typo fails in a second, not after it.
-        from .tasks.loaders import LOCAL_TASKS
+        from ..tasks.loaders import LOCAL_TASKS
 
         for name, path in zs_tasks.items():
             if path is not None:
                 LOCAL_TASKS[name][0](path, 1)
     if json_path:
-        from .artifact import check_output_room
+        from ..artifact import check_output_room
 
         check_output_room(json_path, 2**20, flag="--json")  # a read-only or full disk fails now, not after the run
     m, tok = load_model(model, dtype=dtype, device=device, tokenizer_check="error")
     _check_masks_of(model, m)
     d: dict = {"model": model}
     if do_ppl:
-        from .evaluation.perplexity import evaluate_perplexity
+        from ..evaluation.perplexity import evaluate_perplexity
 
         data = data or "wikitext2"
         with cpu_gemm() as gemm:
@@ -122,7 +84,7 @@ def evaluate(
 
         from rich.table import Table
 
-        from .evaluation.zeroshot import evaluate_zeroshot
+        from ..evaluation.zeroshot import evaluate_zeroshot
 
         t0 = time.perf_counter()
         with cpu_gemm():
@@ -146,7 +108,7 @@ def _check_masks_of(spec: str, model: object) -> None:
     """A local checkpoint's weights must agree with its sparsity_masks.safetensors (aliases and GGUF files are dense
     sources with no masks to check). Without masks only a compress output, which should have them, gets a note:
     evaluate is as often given a dense model."""
-    from .artifact import check_masks, has_manifest, named_weights
+    from ..artifact import check_masks, has_manifest, named_weights
 
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -158,7 +120,7 @@ def profiles_list() -> None:
     """List the known profiles."""
     from rich.table import Table
 
-    from .profiles import list_profiles, load_profile
+    from ..profiles import list_profiles, load_profile
 
     t = Table("profile", "description")
     for name in list_profiles():
@@ -169,77 +131,7 @@ def profiles_list() -> None:
 @profiles_app.command("show")
 def profiles_show(name: str = typer.Argument(..., help="Profile name or path to a .toml file.")) -> None:
     """Print a profile's settings."""
-    from .profiles import load_profile
+    from ..profiles import load_profile
 
     p = load_profile(name)
     out.print_json(json.dumps(p))
-
-
-def _register() -> None:
-    # Command groups owned by their own modules; imported for their side effect of adding commands.
-    from . import cli_bench, cli_compress, cli_export  # noqa: F401
-
-
-_register()
-
-
-def main() -> None:
-    from .errors import install_signal_handlers, restore_signal_handlers
-
-    previous = install_signal_handlers()
-    try:
-        _run_app()
-    finally:
-        restore_signal_handlers(previous)
-
-
-def _run_app() -> None:
-    from .errors import environment_error
-
-    try:
-        app()
-    except UserError as e:
-        if _state["debug"]:
-            raise
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except SystemExit as e:  # Typer turns Ctrl-C (and so SIGTERM / SIGHUP, see errors.Interrupted) into exit 130
-        ki = _interrupt_cause(e)
-        if ki is None:
-            raise
-        _interrupted(ki)
-    except KeyboardInterrupt as e:
-        _interrupted(e)
-    except Exception as e:  # a bug, not a user mistake: still one line unless --debug
-        env = environment_error(e)
-        if env is not None and not _state["debug"]:
-            err.print(f"[bold red]error:[/bold red] {env}", highlight=False, soft_wrap=True)
-            sys.exit(env.exit_code)
-        if _state["debug"] or "--debug" in sys.argv:
-            raise
-        err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
-        sys.exit(1)
-
-
-def _interrupt_cause(e: BaseException) -> KeyboardInterrupt | None:
-    seen: BaseException | None = e
-    while seen is not None and not isinstance(seen, KeyboardInterrupt):
-        seen = seen.__cause__ or seen.__context__
-    return seen
-
-
-def _interrupted(e: KeyboardInterrupt) -> None:
-    """One line, exit 130 (SIGINT) or 128 + signal; `e.hint` (set by compress) says what was kept."""
-    from .errors import interrupt_exit_code
-
-    hint = getattr(e, "hint", None) or "partial output removed"
-    err.print(f"[yellow]interrupted[/yellow] ({str(e) or 'SIGINT'}): {hint}", highlight=False, soft_wrap=True)
-    sys.exit(interrupt_exit_code(e))
-
-
-if __name__ == "__main__":
-    # Under `python -m losa_deploy.cli` this file is `__main__`, while the cli_* modules register their commands on
-    # `losa_deploy.cli.app`: run that module's main so every command is there.
-    from losa_deploy.cli import main as _main
-
-    _main()

@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from .cli import app
-from .console import err, out
-from .errors import UserError
+from ..console import err, out
+from ..errors import UserError
+from .app import app
 
 FORMATS = ("onnx", "deepsparse", "tensorrt", "compressed-tensors", "sparse-cpu")
 ALIASES = {"hf": "compressed-tensors"}  # the Hugging Face sparse checkpoint is compressed-tensors
@@ -44,7 +44,7 @@ def export(
 
       losa-deploy export runs/sparse70 --format sparse-cpu
     """
-    from .artifact import EXPORT_MANIFEST_NAME, check_output_room, checkpoint_bytes, remove_stale_partials
+    from ..artifact import EXPORT_MANIFEST_NAME, check_output_room, checkpoint_bytes, remove_stale_partials
 
     fmt = fmt.lower().strip()
     fmt = ALIASES.get(fmt, fmt)
@@ -133,8 +133,8 @@ def generate(
     """
     from transformers import AutoTokenizer
 
-    from .artifact import check_masks, read_export_manifest
-    from .runners import RUNTIMES, generate as run_generate, make_runner, resolve_hf_dir, resolve_onnx_dir
+    from ..artifact import check_masks, read_export_manifest
+    from ..runners import RUNTIMES, generate as run_generate, make_runner, resolve_hf_dir, resolve_onnx_dir
 
     if runtime not in RUNTIMES:
         raise UserError(f"unknown --runtime '{runtime}': use one of {', '.join(RUNTIMES)}")
@@ -144,7 +144,7 @@ def generate(
     pl, ml = prefill_len, max_len
     if runtime in ("onnxruntime", "deepsparse", "sparse-cpu"):
         if runtime == "sparse-cpu":
-            from .sparse_cpu.runtime import resolve_export_dir
+            from ..sparse_cpu.runtime import resolve_export_dir
 
             d = resolve_export_dir(p)
         else:

@@ -1,0 +1,5 @@
+"""`python -m losa_deploy`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""`python -m losa_deploy.cli`."""
+
+from . import main
+
+main()
