@@ -26,13 +26,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from .atomic import file_mode, write_json
+from .atomic import file_mode, partial_prefix, remove_stale_partials, stale_partials, write_json  # noqa: F401
 from .errors import UserError
 
 MASKS_NAME = "sparsity_masks.safetensors"
 MANIFEST_NAME = "losa_manifest.json"
 EXPORT_MANIFEST_NAME = "export_manifest.json"
-_PARTIAL = ".partial-"
 _WORK = ".losa-work"
 _NOT_WEIGHTS = (MASKS_NAME,)  # *.safetensors in a model directory that are not its weights
 _NOT_WEIGHT_SUFFIX = ".compact.safetensors"  # the compact format of losa-deploy <= 0.1 (no longer written)
@@ -50,49 +49,6 @@ def work_dir(out: str | Path) -> Path:
     """Where a LoSA run on `out` keeps its step checkpoint (`.<name>.losa-work` beside it)."""
     out = Path(out)
     return out.parent / f".{out.name}{_WORK}"
-
-
-def partial_prefix(final: str | Path) -> str:
-    """Name prefix of the temporary directory `atomic_dir` writes before it becomes `final`; the pid follows, so a
-    later run can tell a dead run's leftover from a live one's."""
-    return f".{Path(final).name}{_PARTIAL}"
-
-
-def stale_partials(final: str | Path) -> list[Path]:
-    """`.<name>.partial-*` directories beside `final` whose writer is gone (killed, power cut)."""
-    final = Path(final)
-    if not final.parent.is_dir():
-        return []
-    found = []
-    for p in sorted(final.parent.glob(partial_prefix(final) + "*")):
-        pid = p.name[len(partial_prefix(final)):].split("-", 1)[0]
-        if p.is_dir() and not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
-            found.append(p)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_partials(final: str | Path) -> list[Path]:
-    """Remove what interrupted runs left beside `final`, with a note for each; returns the removed paths."""
-    from .console import err
-
-    gone = []
-    for p in stale_partials(final):
-        shutil.rmtree(p, ignore_errors=True)
-        if not p.exists():
-            gone.append(p)
-            err.print(f"note: removed {p.name}, left by an interrupted run", highlight=False, markup=False,
-                      soft_wrap=True)
-    return gone
 
 
 # ---- manifest -----------------------------------------------------------------------------------------------------

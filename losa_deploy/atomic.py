@@ -68,10 +68,8 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
 
     An interrupted run (Ctrl-C, SIGTERM, crash) therefore never leaves a directory at `final` that looks complete,
     and an existing `final` is only replaced once the new one is whole. What a killed run (SIGKILL) left beside
-    `final` is removed here, with a note (`artifact.remove_stale_partials`).
+    `final` is removed here, with a note (`remove_stale_partials`).
     """
-    from .artifact import partial_prefix, remove_stale_partials
-
     final = Path(final)
     if final.exists() and not overwrite:
         from .errors import UserError
@@ -102,3 +100,48 @@ def _usual_modes(directory: Path) -> None:
     for f in directory.rglob("*"):
         if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o777 == 0o600:
             f.chmod(usual)
+
+
+# ---- what interrupted runs leave beside an output (names and clean-up of atomic_dir's temporary directories)
+
+def partial_prefix(final: str | Path) -> str:
+    """Name prefix of the temporary directory `atomic_dir` writes before it becomes `final`; the pid follows, so a
+    later run can tell a dead run's leftover from a live one's."""
+    return f".{Path(final).name}.partial-"
+
+
+def stale_partials(final: str | Path) -> list[Path]:
+    """`.<name>.partial-*` directories beside `final` whose writer is gone (killed, power cut)."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    found = []
+    for p in sorted(final.parent.glob(partial_prefix(final) + "*")):
+        pid = p.name[len(partial_prefix(final)):].split("-", 1)[0]
+        if p.is_dir() and not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+            found.append(p)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(final: str | Path) -> list[Path]:
+    """Remove what interrupted runs left beside `final`, with a note for each; returns the removed paths."""
+    from .console import err
+
+    gone = []
+    for p in stale_partials(final):
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            gone.append(p)
+            err.print(f"note: removed {p.name}, left by an interrupted run", highlight=False, markup=False,
+                      soft_wrap=True)
+    return gone

@@ -7,7 +7,12 @@ See exporters/wrapper.py for the full I/O description.
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+import numpy as np
+
+from .errors import UserError
 
 
 def kv_geometry(config: Any) -> tuple[int, int, int]:
@@ -63,3 +68,23 @@ def static_graph_copy(onnx_path: str, dst_dir: str, name: str, shapes: list[list
     out = Path(dst_dir) / f"{name}.onnx"
     onnx.save_model(m, str(out))
     return str(out)
+
+
+# ---- the Runner protocol's inputs (shared by runners.py and sparse_cpu/runtime.py)
+
+def default_threads() -> int:
+    """The cores this process may run on (the runners' default thread count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def as_ids(ids: Any) -> np.ndarray:
+    """Token ids as int64 [1, P] (a 1-D sequence becomes one row)."""
+    a = np.asarray(ids, dtype=np.int64)
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2 or a.shape[0] != 1 or a.shape[1] < 1:
+        raise UserError(f"prefill expects token ids of shape [1, P] with P >= 1, got {list(a.shape)}")
+    return a

@@ -10,7 +10,6 @@ import platform
 from typing import Any
 
 # Reading and writing the file is the artifact module's job; these names stay importable from here.
-from .artifact import MANIFEST_NAME, has_manifest, read_manifest, write_manifest  # noqa: F401
 from .errors import UserError
 
 SCHEMA = "losa-deploy/compress"

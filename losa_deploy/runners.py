@@ -26,6 +26,7 @@ import numpy as np
 
 from .artifact import EXPORT_MANIFEST_NAME, read_export_manifest
 from .errors import UserError
+from .graph_contract import as_ids as _as_ids, default_threads  # noqa: F401 (default_threads: public here too)
 from .graph_contract import engine_shapes, kv_geometry, static_graph_copy
 
 RUNTIMES = ("torch", "onnxruntime", "deepsparse", "torch-2of4", "sparse-cpu")
@@ -40,22 +41,6 @@ class Runner(Protocol):
     def prefill(self, ids: np.ndarray) -> np.ndarray: ...
     def decode(self, token_id: int) -> np.ndarray: ...
     def reset(self) -> None: ...
-
-
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
-def _as_ids(ids: Any) -> np.ndarray:
-    a = np.asarray(ids, dtype=np.int64)
-    if a.ndim == 1:
-        a = a[None]
-    if a.ndim != 2 or a.shape[0] != 1 or a.shape[1] < 1:
-        raise UserError(f"prefill expects token ids of shape [1, P] with P >= 1, got {list(a.shape)}")
-    return a
 
 
 # --------------------------------------------------------------------------------------------- fixed-shape ONNX

@@ -43,7 +43,7 @@ def test_compress_end_to_end_subprocess_and_vanilla_reload(tiny_dir, text_file, 
     from transformers import AutoModelForCausalLM
 
     from losa_deploy.checkpoint import load_masks
-    from losa_deploy.manifest import read_manifest
+    from losa_deploy.artifact import read_manifest
 
     out = tmp_path / "sparse"
     r = _cli("--model", str(tiny_dir), "--out", str(out), "--method", "sparsegpt", "--sparsity", "0.6",
@@ -79,7 +79,7 @@ def test_profile_mixed_with_owl_and_flag_override(tiny_dir, text_file, tmp_path,
     code, o, e = _main(monkeypatch, capsys, "--profile", str(prof), "--model", str(tiny_dir), "--out", str(out),
                        "--seed", "7", "--json")
     assert code == 0, e
-    from losa_deploy.manifest import read_manifest
+    from losa_deploy.artifact import read_manifest
 
     man = read_manifest(out)
     assert json.loads(o)["schema"] == "losa-deploy/compress"

@@ -192,7 +192,7 @@ def test_compress_losa_end_to_end_artefact(tiny_dir, text_file, tmp_path):
 
     from losa_deploy.checkpoint import load_masks
     from losa_deploy.compress import run_compress
-    from losa_deploy.manifest import read_manifest
+    from losa_deploy.artifact import read_manifest
 
     out = tmp_path / "out"
     rec = CompressRecipe(out=str(out), model=str(tiny_dir), method="losa", sparsity=0.6, allocation="rmi",

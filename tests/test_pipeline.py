@@ -298,7 +298,8 @@ def test_masks_saved_equal_zero_pattern_and_reload(tmp_path):
 
 
 def test_manifest_round_trip_and_errors(tmp_path):
-    from losa_deploy.manifest import build_manifest, read_manifest, write_manifest
+    from losa_deploy.artifact import read_manifest, write_manifest
+    from losa_deploy.manifest import build_manifest
 
     man = build_manifest(recipe=CompressRecipe(out="x").to_dict(), blocks=[{"index": 0, "rate": 0.5}],
                          linears={"a.weight": {"target": 0.5, "realised": 0.5, "pattern": "unstructured"}})

@@ -350,7 +350,7 @@ class SparseCpuRunner:
 
     def __init__(self, packed: Packed, *, prefill_len: int = 128, max_len: int = 512, threads: int | None = None,
                  lm_head: str = "auto", fuse: bool = True) -> None:
-        from losa_deploy.runners import default_threads
+        from losa_deploy.graph_contract import default_threads
 
         if prefill_len < 1 or max_len <= prefill_len:
             raise UserError(f"need 1 <= prefill_len < max_len (got prefill_len={prefill_len}, max_len={max_len})")
@@ -505,7 +505,7 @@ class SparseCpuRunner:
         self.pos = 0  # cache rows past pos are never read
 
     def prefill(self, ids: Any) -> np.ndarray:
-        from losa_deploy.runners import _as_ids
+        from losa_deploy.graph_contract import as_ids as _as_ids
 
         a = _as_ids(ids)
         P = a.shape[1]
