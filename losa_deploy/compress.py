@@ -207,7 +207,7 @@ def _calibration(model: Any, tok: Any, recipe: CompressRecipe, n_tune: int) -> t
         tune_info = {"source": recipe.calib_data, "windows": n_tune, "seqlen": recipe.seqlen,
                      "how": f"draws {recipe.nsamples}..{recipe.nsamples + n_tune - 1} of the calibration sampler", "identical_to_calibration": overlap}
     else:
-        calib = calibration_ids(tok, recipe.calib_data, recipe.nsamples, recipe.seqlen, recipe.seed, model=model)
+        calib = _calibration_windows(model, tok, recipe)
         if n_tune and recipe.tune_data is not None:
             ids = tok(eval_text(recipe.tune_data), return_tensors="pt").input_ids[0]
             usable = (ids.numel() // recipe.seqlen)
@@ -220,6 +220,18 @@ def _calibration(model: Any, tok: Any, recipe: CompressRecipe, n_tune: int) -> t
             tune_ids = calibration_ids(tok, SELF, n_tune, recipe.seqlen, recipe.seed + 1_000_003, model=model)
             tune_info = {"source": "self", "windows": n_tune, "seqlen": recipe.seqlen, "how": f"generated with seed {recipe.seed + 1_000_003}"}
     return calib, tune_ids, {"tuning": tune_info, "seconds": time.perf_counter() - t0}
+
+
+def _calibration_windows(model: Any, tok: Any, recipe: CompressRecipe) -> torch.Tensor:
+    """The calibration windows; for LoSA on self text, the first training sequences (no second generation)."""
+    from .data import SELF, calibration_ids
+    from .losa.train import self_train_seed, shares_self_text
+
+    if shares_self_text(recipe):
+        ids = calibration_ids(tok, SELF, recipe.losa_train_samples, recipe.seqlen, self_train_seed(recipe.seed),
+                              model=model)
+        return ids[: recipe.nsamples]
+    return calibration_ids(tok, recipe.calib_data, recipe.nsamples, recipe.seqlen, recipe.seed, model=model)
 
 
 # -------------------------------------------------------------------------------------------- LoSA

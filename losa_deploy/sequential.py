@@ -461,6 +461,7 @@ def prune_sequential(
     dense_state: dict[str, Tensor] | None = None,
     block_hook: Callable[[int, nn.Module, dict[str, Tensor]], None] | None = None,
     progress: bool = True,
+    dense_outputs: dict[int, Tensor] | None = None,
 ) -> PruneResult:
     """Prune every block in order, feeding each the outputs of the already-pruned blocks before it.
 
@@ -468,6 +469,8 @@ def prune_sequential(
     `dense_state` ({full param name: tensor}): also record each block's reconstruction error (dense block on
     dense inputs vs pruned block on pruned inputs), for LoSA's rank allocation.
     `block_hook(index, block, {full weight name: mask})` runs after each block is pruned.
+    `dense_outputs`: a cache of the dense blocks' outputs on `calib_ids`, filled on the first call and read on
+    later ones (LoSA prunes T times with the same dense weights and calibration, so the reference is the same).
     Magnitude without `dense_state` reads no data (`calib_ids` may be None) and runs no block.
     """
     from .pruning.masks import nm_mask, unstructured_row_mask
@@ -494,12 +497,18 @@ def prune_sequential(
         linears = find_linears(block, recipe.ignore, prefix=prefix)
         t0 = time.perf_counter()
         dense_out = None
-        if dense_state is not None:
+        if dense_state is not None and dense_outputs is not None and i in dense_outputs:
+            dense_out = dense_outputs[i]
+        elif dense_state is not None:
             dh = dense_stream["hidden"] if dense_stream["hidden"] is not None else hidden
+            if i > 0 and dense_outputs is not None and i - 1 in dense_outputs:
+                dh = dense_outputs[i - 1]
             saved = _swap_weights(block, prefix, dense_state)
             dense_out = run_block(block, dh, kwargs)
             _restore_weights(block, saved)
             dense_stream["hidden"] = dense_out
+            if dense_outputs is not None:
+                dense_outputs[i] = dense_out
         t_recon += time.perf_counter() - t0
         t0 = time.perf_counter()
         stats: dict[str, _Stats] = {}

@@ -395,3 +395,24 @@ def test_sliding_window_blocks_get_their_own_mask():
     for i in range(4):
         expect = torch.cat([h[i] for h in hs])
         assert torch.allclose(seen[i], expect, atol=1e-5), i
+
+
+def test_cached_dense_reference_gives_the_same_recon_errors():
+    """LoSA prunes T times against the same dense reference: the cached outputs must equal recomputed ones."""
+    dense = tiny_model("llama")
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    cache: dict = {}
+    first = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("wanda", "unstructured"), [0.5] * 4,
+                             dense_state=state, progress=False, dense_outputs=cache)
+    assert sorted(cache) == [0, 1, 2, 3]
+    for rate in (0.5, 0.7):
+        plain = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("wanda", "unstructured"), [rate] * 4,
+                                 dense_state=state, progress=False)
+        cached = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("wanda", "unstructured"), [rate] * 4,
+                                  dense_state=state, progress=False, dense_outputs=cache)
+        assert cached.recon_error == plain.recon_error
+        for k in plain.masks:
+            assert torch.equal(cached.masks[k], plain.masks[k])
+    assert first.recon_error == prune_sequential(
+        tiny_model("llama"), _ids(), PruneSpec("wanda", "unstructured"), [0.5] * 4, dense_state=state,
+        progress=False).recon_error

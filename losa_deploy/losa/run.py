@@ -212,6 +212,7 @@ def run_losa(
     model.eval()
     lin = prunable_linears(model, ignore)
     dense_state = {name: l.weight.detach().to("cpu", copy=True) for name, (_, l) in lin.items()}
+    dense_outputs: dict[int, Tensor] = {}  # the dense reference on calib_ids, the same at every step
     teacher = None
     teacher_dtype = None
     if recipe.losa_objective == "distill":
@@ -221,7 +222,10 @@ def run_losa(
 
     adapters = attach_adapters(lin, r_max, recipe.losa_alpha, recipe.losa_dropout, seed=recipe.seed)
     params = list(adapters.parameters())
-    opt, sched = make_optimizer(params, recipe.losa_lr, total_updates)
+    import os
+    decay_from = (total_updates - num_batches(slices[-1][1] - slices[-1][0], bs)
+                  if os.environ.get("LOSA_EXP_SCHED") == "wsd" else None)
+    opt, sched = make_optimizer(params, recipe.losa_lr, total_updates, decay_from=decay_from)
     history: list[dict[str, Any]] = []
     losses: list[float] = []
     start = 1
@@ -270,7 +274,7 @@ def run_losa(
                 spec = PruneSpec(method=recipe.losa_mask_method, pattern="unstructured", ignore=ignore,
                                  blocksize=recipe.blocksize, percdamp=recipe.percdamp)
             res = prune_sequential(model, calib_ids, spec, rates, device=device, offload=recipe.offload,
-                                   dense_state=dense_state, progress=progress)
+                                   dense_state=dense_state, progress=progress, dense_outputs=dense_outputs)
             last_prune = res
             timing["prune_s"] = time.perf_counter() - t0
             # (4) un-merge against the new mask: W_base = W_pruned - delta ⊙ M_new.
