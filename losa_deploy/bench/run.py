@@ -286,27 +286,48 @@ def needed_max_len(settings: Any) -> int:
     return max([first] + [p + 1 for p in settings.prompt_lens] + [settings.decode_past + max(settings.decode_tokens, 1)])
 
 
+def _cached_export(model_dir: Path, cache: Path, subdir: str, runtimes: str, complete: Callable[[Path], bool],
+                   exporter: Callable[[], Callable[..., Any]], **settings: Any) -> Path:
+    """`<model_dir>/<subdir>` or `cache` when `complete` finds the export there, else `exporter()` writes it into
+    `cache` once (later runs reuse it). `exporter` imports the exporter, so a missing one is a one-line error."""
+    for cand in (model_dir / subdir, cache):
+        if complete(cand):
+            return cand
+    try:
+        export = exporter()
+    except ImportError as e:
+        raise UserError(f"cannot export '{model_dir}' for {runtimes}: the exporter is not available ({e})")
+    from ..console import err
+
+    err.print(f"exporting {model_dir} -> {cache} ({subdir} format, once; cached)")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    export(str(model_dir), str(cache), **settings)
+    return cache
+
+
+def _deepsparse_exporter() -> Callable[..., Any]:
+    from exporters.deepsparse_export import export_deepsparse
+
+    return export_deepsparse
+
+
+def _sparse_cpu_exporter() -> Callable[..., Any]:
+    from exporters.sparse_cpu_export import export_sparse_cpu
+
+    return export_sparse_cpu
+
+
 def ensure_deepsparse_export(model_dir: Path, cache: Path, *, max_len: int, threads: int) -> Path:
     """The model's DeepSparse-contract export: `<model_dir>/deepsparse` if it is there, else exported into `cache`.
 
     One model.onnx serves every shape (the runners fix prefill length and total length at load time), so the export
     is done once per model and reused by later runs."""
-    for cand in (model_dir / "deepsparse", cache):
-        if has_export_manifest(cand) and (cand / "model.onnx").is_file():
-            return cand
-    try:
-        from exporters.deepsparse_export import export_deepsparse
-    except ImportError as e:
-        raise UserError(f"cannot export '{model_dir}' for onnxruntime/deepsparse: the exporter is not available ({e})")
-    from ..console import err
-
-    err.print(f"exporting {model_dir} -> {cache} (deepsparse format, once; cached)")
-    cache.parent.mkdir(parents=True, exist_ok=True)
     # The graph has symbolic lengths; prefill_len/max_len here only size the position table and the export's own
     # verification (a prefill + 16 greedy tokens), so leave room for both.
     prefill = min(128, max(1, max_len // 2))
-    export_deepsparse(str(model_dir), str(cache), prefill_len=prefill, max_len=max(max_len, prefill + 17), threads=threads)
-    return cache
+    return _cached_export(model_dir, cache, "deepsparse", "onnxruntime/deepsparse",
+                          lambda d: has_export_manifest(d) and (d / "model.onnx").is_file(), _deepsparse_exporter,
+                          prefill_len=prefill, max_len=max(max_len, prefill + 17), threads=threads)
 
 
 def ensure_sparse_cpu_export(model_dir: Path, cache: Path, *, max_len: int, threads: int) -> Path:
@@ -316,21 +337,12 @@ def ensure_sparse_cpu_export(model_dir: Path, cache: Path, *, max_len: int, thre
     baseline) is exported as the exporter does for dense checkpoints. Reused by later runs."""
     from ..sparse_cpu.runtime import FORMAT, WEIGHTS_FILE
 
-    for cand in (model_dir / SPARSE_CPU, cache):
-        if (cand / WEIGHTS_FILE).is_file() and read_export_manifest(cand).get("format") == FORMAT:
-            return cand
-    try:
-        from exporters.sparse_cpu_export import export_sparse_cpu
-    except ImportError as e:
-        raise UserError(f"cannot export '{model_dir}' for sparse-cpu: the exporter is not available ({e})")
-    from ..console import err
+    def complete(d: Path) -> bool:
+        return (d / WEIGHTS_FILE).is_file() and read_export_manifest(d).get("format") == FORMAT
 
-    err.print(f"exporting {model_dir} -> {cache} (sparse-cpu format, once; cached)")
-    cache.parent.mkdir(parents=True, exist_ok=True)
     ml = max(max_len, 24)  # the export verifies a prompt of max_len - 8 tokens in chunks of prefill_len
-    export_sparse_cpu(str(model_dir), str(cache), prefill_len=min(128, ml // 2), max_len=ml, threads=threads,
-                      overwrite=True)
-    return cache
+    return _cached_export(model_dir, cache, SPARSE_CPU, "sparse-cpu", complete, _sparse_cpu_exporter,
+                          prefill_len=min(128, ml // 2), max_len=ml, threads=threads, overwrite=True)
 
 
 def model_path_for(rt: str, var: str, model_dir: Path, exports: dict[str, Path], export_root: Path, settings: Any,
