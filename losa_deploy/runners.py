@@ -4,6 +4,8 @@
   prefill(ids[1, P]) -> logits[1, P, V]   starts a new sequence (P <= max_len - 1; chunks of prefill_len internally)
   decode(token_id)   -> logits[V]         appends one token
   reset(), name, threads
+`open_generation(path, runtime)` adds the tokenizer and the export's shapes; `generate(runner, tokenizer, prompt)`
+decodes greedily through any Runner (what `losa-deploy generate` prints).
 
 "sparse-cpu" runs the packed export of `export --format sparse-cpu` on the C executor in losa_deploy/sparse_cpu
 (whole model per call, its own KV cache; prefill in chunks of prefill_len).
@@ -24,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .artifact import EXPORT_MANIFEST_NAME, read_export_manifest
+from .artifact import EXPORT_MANIFEST_NAME, check_masks, read_export_manifest
 from .errors import UserError
 from .graph_contract import as_ids as _as_ids, default_threads  # noqa: F401 (default_threads: public here too)
 from .graph_contract import engine_shapes, kv_geometry, static_graph_copy
@@ -315,6 +317,41 @@ def make_runner(path: str | os.PathLike, runtime: str, *, prefill_len: int = 128
         torch.set_num_threads(threads)
     model, _ = load_model(str(hf), dtype="float32", device=device)
     return TorchRunner(model, "torch", prefill_len, max_len, threads, device)
+
+
+def open_generation(path: str | os.PathLike, runtime: str, *, prefill_len: int | None = None,
+                    max_len: int | None = None, threads: int | None = None, device: str = "cpu") -> tuple[Any, Any]:
+    """The Runner and the tokenizer for `generate` on the model (or export) at `path`.
+
+    An export's own shapes are the defaults (else 128 and 512); a checkpoint the torch runner loads must agree with
+    its masks first."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"'{path}' not found")
+    pl, ml = prefill_len, max_len
+    if runtime in ("onnxruntime", "deepsparse", "sparse-cpu"):
+        if runtime == "sparse-cpu":
+            from .sparse_cpu.runtime import resolve_export_dir
+
+            d = resolve_export_dir(p)
+        else:
+            d = resolve_onnx_dir(p)
+        eng = read_export_manifest(d).get("engines", {})  # the export's shapes are the defaults
+        pl = pl or eng.get("prefill", {}).get("seq", 128)
+        ml = ml or eng.get("max_len", 512)
+        tok_dir = d
+    else:
+        tok_dir = resolve_hf_dir(p)
+        check_masks(tok_dir)  # the checkpoint the torch runner loads must agree with its masks
+    pl, ml = pl or 128, ml or 512
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not load the tokenizer from '{tok_dir}': {first}")
+    return make_runner(p, runtime, prefill_len=pl, max_len=ml, threads=threads, device=device), tok
 
 
 def generate(runner: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32, *, stop_at_eos: bool = True) -> dict:

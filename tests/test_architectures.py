@@ -220,7 +220,7 @@ def test_bench_torch_each_arch(arch, compressed, dense_dirs, tmp_path, text_file
     the machine, not the architecture, and take seconds. ONNX Runtime / DeepSparse run the deepsparse export,
     which test_export_deepsparse verifies with the same runners."""
     import losa_deploy.bench.bounds as bounds
-    from losa_deploy.bench import BenchOptions, run_bench
+    from losa_deploy.bench.run import BenchOptions, run_bench
 
     monkeypatch.setattr(bounds, "measure_peak_flops", lambda threads: {"flops_per_s": 1e11, "method": "stub"})
     monkeypatch.setattr(bounds, "measure_bandwidth", lambda threads=None: {"bytes_per_s": 1e10, "method": "stub"})
@@ -241,7 +241,7 @@ def test_bench_onnx_runtimes(arch, compressed, dense_dirs, tmp_path, text_file, 
     """bench's CPU headline (DeepSparse sparse vs ONNX Runtime dense) on the deepsparse exports of both models."""
     pytest.importorskip("deepsparse")
     import losa_deploy.bench.bounds as bounds
-    from losa_deploy.bench import BenchOptions, run_bench
+    from losa_deploy.bench.run import BenchOptions, run_bench
 
     monkeypatch.setattr(bounds, "measure_peak_flops", lambda threads: {"flops_per_s": 1e11, "method": "stub"})
     monkeypatch.setattr(bounds, "measure_bandwidth", lambda threads=None: {"bytes_per_s": 1e10, "method": "stub"})
@@ -309,7 +309,7 @@ def test_kv_graph_refusals(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_skips_kv_runtimes_for_an_arch_without_the_graph(tmp_path):
-    from losa_deploy.bench import onnx_runtimes_for
+    from losa_deploy.bench.run import onnx_runtimes_for
 
     skipped: dict[str, str] = {}
     run = onnx_runtimes_for(tiny_config("opt"), ["torch", "onnxruntime", "deepsparse"], skipped, explicit=False)

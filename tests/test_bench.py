@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from losa_deploy.bench import BenchOptions, check_same_architecture, parse_int_list, parse_runtimes, run_bench, select_runtimes
 from losa_deploy.bench import bounds as B
 from losa_deploy.bench import report as R
 from losa_deploy.bench.latency import LatencySettings, bench_phases, speedup
+from losa_deploy.bench.run import (BenchOptions, check_same_architecture, parse_int_list, parse_runtimes, run_bench,
+                                   select_runtimes)
 from losa_deploy.bench.timing import PeakMemory, measure, percentile, summarize
 from losa_deploy.errors import UserError
 
@@ -472,7 +473,7 @@ def test_option_parsing_errors():
     with pytest.raises(UserError, match="unknown runtime"):
         parse_runtimes("onnxruntime,tensorflow")
     assert parse_runtimes("onnxruntime,onnxruntime") == ["onnxruntime"]
-    from losa_deploy.bench import split_variants
+    from losa_deploy.bench.run import split_variants
 
     rts = parse_runtimes("onnxruntime:dense,sparse-cpu,deepsparse:sparse,deepsparse:dense")
     assert split_variants(rts) == (["onnxruntime", "sparse-cpu", "deepsparse"],
@@ -498,7 +499,7 @@ def test_memory_check_for_interleaved_runners(tmp_path, monkeypatch):
     """All runners of a shape are alive together: their weights must fit in the available memory, else a UserError."""
     import psutil
 
-    from losa_deploy.bench import check_memory, side_bytes
+    from losa_deploy.bench.run import check_memory, side_bytes
 
     a, b = tmp_path / "a", tmp_path / "b"
     for d, n in ((a, 3000), (b, 1000)):
@@ -623,7 +624,8 @@ HAS_SPARSE_CPU = importlib.util.find_spec("losa_deploy.sparse_cpu.runtime") is n
 def test_bench_tiny_sparse_cpu(tiny_pair, tmp_path, monkeypatch):
     """sparse-cpu end to end on a tiny pair: exports, interleaved sides, headline vs the fastest dense side, its
     packed-format bound and the per-linear kernel timing. Machine probes are stubbed (they are not under test)."""
-    from losa_deploy.bench import kernels, sparse_cpu_available
+    from losa_deploy.bench import kernels
+    from losa_deploy.bench.run import sparse_cpu_available
 
     ok, why = sparse_cpu_available()
     if not ok:

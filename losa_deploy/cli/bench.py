@@ -57,7 +57,7 @@ def bench(
 
       losa-deploy bench --compare runs/s50/bench/report.json --compare runs/s70/bench/report.json --out runs/compare
     """
-    from .. import bench as B
+    from ..bench import run as B
     from ..console import out as console
 
     cmp_paths = [Path(p) for c in compare for p in str(c).split(",") if p]
