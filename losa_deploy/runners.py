@@ -29,7 +29,7 @@ import numpy as np
 from .artifact import EXPORT_MANIFEST_NAME, check_masks, read_export_manifest
 from .errors import UserError
 from .graph_contract import as_ids as _as_ids, default_threads  # noqa: F401 (default_threads: public here too)
-from .graph_contract import engine_shapes, kv_geometry, static_graph_copy
+from .graph_contract import check_prompt_fits, engine_shapes, kv_geometry, static_graph_copy
 
 RUNTIMES = ("torch", "onnxruntime", "deepsparse", "torch-2of4", "sparse-cpu")
 
@@ -88,7 +88,9 @@ class _FixedShapeKVRunner:
         new_valid = np.concatenate([self.valid[seq:], np.r_[np.zeros(pad, np.int64), np.ones(n, np.int64)]])
         attention_mask = new_valid[None].astype(np.int64)
         causal = np.tril(np.ones((seq, self.max_len), dtype=np.int64), k=past_len)[None, None]
-        feeds = [input_ids, attention_mask, positions, causal] + [np.ascontiguousarray(c[:, :, seq:, :]) for c in self.cache]
+        feeds = [input_ids, attention_mask, positions, causal] + [
+            np.ascontiguousarray(c[:, :, seq:, :]) for c in self.cache
+        ]
         outs = self._run(seq, feeds)
         self.cache = [np.ascontiguousarray(o) for o in outs[1:]]
         self.valid = new_valid
@@ -97,8 +99,7 @@ class _FixedShapeKVRunner:
 
     def prefill(self, ids: Any) -> np.ndarray:
         ids = _as_ids(ids)
-        if ids.shape[1] > self.max_len - 1:
-            raise UserError(f"prompt of {ids.shape[1]} tokens does not fit max_len={self.max_len}; use a larger --max-len")
+        check_prompt_fits(ids.shape[1], self.max_len)
         self.reset()
         outs = []
         for start in range(0, ids.shape[1], self.prefill_len):
@@ -141,8 +142,10 @@ class DeepSparseRunner(_FixedShapeKVRunner):
     def __init__(self, onnx_path: Path, config: Any, prefill_len: int, max_len: int, threads: int) -> None:
         self._deepsparse = require_deepsparse()
         self._tmp = tempfile.TemporaryDirectory(prefix="losa-ds-")
-        self._graphs = {seq: static_graph_copy(str(onnx_path), self._tmp.name, label, engine_shapes(config, seq, max_len))
-                        for seq, label in ((prefill_len, "prefill"), (1, "decode"))}
+        self._graphs = {
+            seq: static_graph_copy(str(onnx_path), self._tmp.name, label, engine_shapes(config, seq, max_len))
+            for seq, label in ((prefill_len, "prefill"), (1, "decode"))
+        }
         self.engines: dict[int, Any] = {}
         self._engine(prefill_len, threads)
         super().__init__(onnx_path, config, prefill_len, max_len, threads)
@@ -176,7 +179,9 @@ def require_deepsparse() -> Any:
 class TorchRunner:
     """The HF model in PyTorch with its own KV cache (eager reference for parity and the dense baseline)."""
 
-    def __init__(self, model: Any, name: str, prefill_len: int, max_len: int, threads: int, device: str = "cpu") -> None:
+    def __init__(
+        self, model: Any, name: str, prefill_len: int, max_len: int, threads: int, device: str = "cpu"
+    ) -> None:
         self.model = model
         self.name = name
         self.prefill_len = int(prefill_len)
@@ -203,8 +208,7 @@ class TorchRunner:
         import torch
 
         a = _as_ids(ids)
-        if a.shape[1] > self.max_len - 1:
-            raise UserError(f"prompt of {a.shape[1]} tokens does not fit max_len={self.max_len}; use a larger --max-len")
+        check_prompt_fits(a.shape[1], self.max_len)
         self.reset()
         return self._forward(torch.from_numpy(a))
 
@@ -295,7 +299,9 @@ def make_runner(path: str | os.PathLike, runtime: str, *, prefill_len: int = 128
         man = read_export_manifest(d)
         table = man.get("rotary_table_len")
         if table and max_len > table:
-            raise UserError(f"max_len={max_len} exceeds the export's position table ({table}); re-export with --max-len {max_len}")
+            raise UserError(
+                f"max_len={max_len} exceeds the export's position table ({table}); re-export with --max-len {max_len}"
+            )
         cls = OrtRunner if runtime == "onnxruntime" else DeepSparseRunner
         return cls(d / "model.onnx", cfg, prefill_len, max_len, threads)
     import torch
@@ -305,7 +311,9 @@ def make_runner(path: str | os.PathLike, runtime: str, *, prefill_len: int = 128
     hf = resolve_hf_dir(p)
     if runtime == "torch-2of4":
         if not (device.startswith("cuda") and torch.cuda.is_available()):
-            raise UserError("runtime torch-2of4 needs a CUDA GPU (sparse tensor cores): pass --device cuda on a GPU machine")
+            raise UserError(
+                "runtime torch-2of4 needs a CUDA GPU (sparse tensor cores): pass --device cuda on a GPU machine"
+            )
         model, _ = load_model(str(hf), dtype="float16", device=device)
         swapped = swap_2of4(model)
         if not swapped:

@@ -14,11 +14,18 @@ from .app import app
 @app.command()
 def evaluate(
     model: str = typer.Argument("smollm2-135m", help="Hub id, local directory, .gguf file, or alias (smollm2-135m)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Perplexity text: file (.raw/.txt/.jsonl/.json/.parquet) or dataset name (wikitext2, c4). Default wikitext2 when no zero-shot task is asked for."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Perplexity text: file (.raw/.txt/.jsonl/.json/.parquet) or dataset name (wikitext2, c4). "
+        "Default wikitext2 when no zero-shot task is asked for."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Window length in tokens (report it with every number)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Only the first K tokens of the joined text (whole windows)."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", metavar="NAMES", help="Zero-shot tasks, comma list: local ones need --task-data; any other lm-evaluation-harness task name is fetched online."),
-    task_data: Optional[list[str]] = typer.Option(None, "--task-data", metavar="NAME=PATH", help="NAME=PATH of a local task file in its original format (repeatable). NAME: piqa, arc_easy, arc_challenge, boolq, hellaswag, winogrande, openbookqa, rte."),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", help="Only the first K tokens of the joined text (whole windows)."),
+    tasks: Optional[str] = typer.Option(
+        None, "--tasks", metavar="NAMES", help="Zero-shot tasks, comma list: local ones need --task-data; any other "
+        "lm-evaluation-harness task name is fetched online."),
+    task_data: Optional[list[str]] = typer.Option(
+        None, "--task-data", metavar="NAME=PATH", help="NAME=PATH of a local task file in its original format "
+        "(repeatable). NAME: piqa, arc_easy, arc_challenge, boolq, hellaswag, winogrande, openbookqa, rte."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Zero-shot: only the first N items of each task."),
     batch_size: int = typer.Option(8, "--batch-size", help="Zero-shot: requests per forward pass."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
@@ -28,7 +35,8 @@ def evaluate(
     """Perplexity (WikiText-2 protocol: rows joined with blank lines, one tokenisation, non-overlapping windows) and/or
     zero-shot accuracy through lm-evaluation-harness.
 
-    Examples: losa-deploy evaluate smollm2-135m --data ../shared/data/wikitext-2-raw/wiki.test.raw --seqlen 2048 --max-tokens 20480
+    Examples: losa-deploy evaluate smollm2-135m --data ../shared/data/wikitext-2-raw/wiki.test.raw --seqlen 2048
+    --max-tokens 20480
 
     losa-deploy evaluate smollm2-135m --task-data piqa=../shared/data/piqa/valid.jsonl --limit 200 --json out.json
     """

@@ -18,17 +18,19 @@ ALIASES = {"hf": "compressed-tensors"}  # the Hugging Face sparse checkpoint is 
 
 @app.command()
 def export(
-    model_dir: Path = typer.Argument(..., help="A Hugging Face causal-LM directory (what `compress` writes, or any HF checkpoint)."),
-    fmt: str = typer.Option(..., "--format", "-f",
-                            help="onnx | deepsparse | tensorrt | compressed-tensors (alias hf) | sparse-cpu"),
+    model_dir: Path = typer.Argument(
+        ..., help="A Hugging Face causal-LM directory (what `compress` writes, or any HF checkpoint)."),
+    fmt: str = typer.Option(
+        ..., "--format", "-f", help="onnx | deepsparse | tensorrt | compressed-tensors (alias hf) | sparse-cpu"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: MODEL_DIR/<format>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     prefill_len: int = typer.Option(128, "--prefill-len", help="deepsparse, sparse-cpu: tokens per prefill call."),
-    max_len: int = typer.Option(512, "--max-len",
-                                help="deepsparse, sparse-cpu: total sequence length (prompt + generated)."),
-    threads: Optional[int] = typer.Option(None, "--threads",
-                                          help="deepsparse, sparse-cpu: verification threads (default: all)."),
-    force_2of4: bool = typer.Option(False, "--force-2of4", help="tensorrt: re-prune a non-2:4 checkpoint to 2:4 by magnitude."),
+    max_len: int = typer.Option(
+        512, "--max-len", help="deepsparse, sparse-cpu: total sequence length (prompt + generated)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="deepsparse, sparse-cpu: verification threads (default: all)."),
+    force_2of4: bool = typer.Option(
+        False, "--force-2of4", help="tensorrt: re-prune a non-2:4 checkpoint to 2:4 by magnitude."),
 ) -> None:
     """Export a (sparse) model and verify it against PyTorch before declaring it done.
 
@@ -71,10 +73,12 @@ def export(
     elif fmt == "deepsparse":
         from exporters.deepsparse_export import export_deepsparse
 
-        man = export_deepsparse(src, dest, prefill_len=prefill_len, max_len=max_len, overwrite=overwrite, threads=threads)
+        man = export_deepsparse(src, dest, prefill_len=prefill_len, max_len=max_len, overwrite=overwrite,
+                                threads=threads)
         v = man["verification"]
         ds = man["deepsparse"]
-        out.print(f"deepsparse export verified: ORT max |dlogit| {v['onnxruntime_vs_torch']['max_abs_logit_diff']:.2e}; "
+        out.print(f"deepsparse export verified: ORT max |dlogit| "
+                  f"{v['onnxruntime_vs_torch']['max_abs_logit_diff']:.2e}; "
                   f"DeepSparse {v['deepsparse_vs_torch']['new_tokens']} greedy tokens match PyTorch "
                   f"(max |dlogit| {v['deepsparse_vs_torch']['max_abs_logit_diff']:.2e}); supported ops "
                   f"{ds['fraction_of_supported_ops']}; sparse layers {len(ds['sparse_layers'])}/"
@@ -84,9 +88,11 @@ def export(
 
         man = export_tensorrt(src, dest, force_2of4=force_2of4, overwrite=overwrite)
         r = man["two_four"]["summary"]
-        out.print(f"tensorrt fp16 ONNX written; 2:4 eligible {r['eligible']}, ineligible {r['ineligible']}, skipped {r['skipped']}")
+        out.print(f"tensorrt fp16 ONNX written; 2:4 eligible {r['eligible']}, ineligible {r['ineligible']}, "
+                  f"skipped {r['skipped']}")
         if man.get("forced_2of4"):
-            out.print(f"[yellow]re-pruned {man['forced_2of4']['layers']} layers to 2:4 by magnitude (--force-2of4)[/yellow]")
+            out.print(f"[yellow]re-pruned {man['forced_2of4']['layers']} layers to 2:4 by magnitude "
+                      "(--force-2of4)[/yellow]")
         out.print(f"build the sparse engine with:\n  {man['trtexec']}")
     elif fmt == "sparse-cpu":
         from exporters.sparse_cpu_export import export_sparse_cpu

@@ -498,12 +498,11 @@ class SparseCpuRunner:
         self.pos = 0  # cache rows past pos are never read
 
     def prefill(self, ids: Any) -> np.ndarray:
-        from losa_deploy.graph_contract import as_ids as _as_ids
+        from losa_deploy.graph_contract import as_ids as _as_ids, check_prompt_fits
 
         a = _as_ids(ids)
         P = a.shape[1]
-        if P > self.max_len - 1:
-            raise UserError(f"prompt of {P} tokens does not fit max_len={self.max_len}; use a larger --max-len")
+        check_prompt_fits(P, self.max_len)
         self.reset()
         out = np.empty((1, P, self.vocab), np.float32)
         for s in range(0, P, self.prefill_len):
