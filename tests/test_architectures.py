@@ -9,7 +9,6 @@ geometry)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -256,17 +255,9 @@ def test_bench_onnx_runtimes(arch, compressed, dense_dirs, tmp_path, text_file, 
 
 # --------------------------------------------------------------------------------------- what is refused
 def _cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
-    from losa_deploy.cli import main
+    from tiny import run_cli
 
-    monkeypatch.setattr(sys, "argv", ["losa-deploy", *args])
-    capsys.readouterr()
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    o = capsys.readouterr()
-    return code, o.out + o.err
+    return run_cli(monkeypatch, capsys, *args)
 
 
 def test_conv1d_blocks_refused_by_every_command(tmp_path, capsys, monkeypatch):

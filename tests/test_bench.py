@@ -20,10 +20,8 @@ from losa_deploy.bench.run import (BenchOptions, check_same_architecture, parse_
 from losa_deploy.bench.timing import PeakMemory, measure, percentile, summarize
 from losa_deploy.errors import UserError
 
-HAS_RUNNERS = (
-    importlib.util.find_spec("losa_deploy.runners") is not None
-    and importlib.util.find_spec("exporters.deepsparse_export") is not None
-)
+HAS_RUNNERS = (importlib.util.find_spec("losa_deploy.runners") is not None
+               and importlib.util.find_spec("exporters.deepsparse_export") is not None)
 HAS_DS = importlib.util.find_spec("deepsparse") is not None
 
 
@@ -158,11 +156,8 @@ def test_bench_sides_interleaves_runners_and_isolates_failures():
             return R(name, p, L)
         return fac
 
-    sides = [
-        Side("a", "dense", make("a")),
-        Side("b", "sparse", make("b"), build_first=True),
-        Side("c", "sparse", broken),
-    ]
+    sides = [Side("a", "dense", make("a")), Side("b", "sparse", make("b"), build_first=True),
+             Side("c", "sparse", broken)]
     s = LatencySettings(prompt_lens=(4,), decode_past=3, decode_tokens=2, gen_tokens=0, warmup=1, repeats=2)
     res = bench_sides(sides, s, vocab_size=7)
     assert res["c/sparse"] == {"status": "error", "note": "RuntimeError: no such engine"}
@@ -194,25 +189,18 @@ def _phase(median, tokens=1):
 
 def _suite(name="model", sparsity=0.7):
     return {
-        "name": name,
-        "description": "test",
+        "name": name, "description": "test",
         "runtimes": {
-            "onnxruntime": {
-                "status": "ok",
-                "dense": {"phases": {"prefill_128": _phase(0.30, 128), "decode": _phase(0.64, 64)}},
-                "sparse": {"phases": {"prefill_128": _phase(0.29, 128), "decode": _phase(0.60, 64)}},
-            },
-            "deepsparse": {
-                "status": "ok",
-                "dense": {"phases": {"prefill_128": _phase(0.25, 128), "decode": _phase(0.50, 64)}},
-                "sparse": {"phases": {"prefill_128": _phase(0.10, 128), "decode": _phase(0.32, 64)}},
-            },
+            "onnxruntime": {"status": "ok",
+                            "dense": {"phases": {"prefill_128": _phase(0.30, 128), "decode": _phase(0.64, 64)}},
+                            "sparse": {"phases": {"prefill_128": _phase(0.29, 128), "decode": _phase(0.60, 64)}}},
+            "deepsparse": {"status": "ok",
+                           "dense": {"phases": {"prefill_128": _phase(0.25, 128), "decode": _phase(0.50, 64)}},
+                           "sparse": {"phases": {"prefill_128": _phase(0.10, 128), "decode": _phase(0.32, 64)}}},
             "torch-cuda / torch-2of4": {"status": "skipped", "note": "no CUDA GPU"},
         },
-        "bounds": {
-            "dense": {"prefill_128": {"seconds": 0.15}, "decode": {"seconds": 0.005}},
-            "sparse": {"prefill_128": {"seconds": 0.05}, "decode": {"seconds": 0.0025}},
-        },
+        "bounds": {"dense": {"prefill_128": {"seconds": 0.15}, "decode": {"seconds": 0.005}},
+                   "sparse": {"prefill_128": {"seconds": 0.05}, "decode": {"seconds": 0.0025}}},
         "sparsity": sparsity,
     }
 
@@ -412,10 +400,9 @@ def _report(tmp_path, sparsity=0.7, name="r70"):
     rep = R.new_report({"threads": 2, "latency": LatencySettings().to_dict()}, ["losa-deploy", "bench"])
     rep["models"] = {"sparse": {"path": "x", "sparsity": sparsity, "model_type": "llama", "layers": 4, "hidden": 64}}
     rep["suites"].append(R.finalize_suite(_suite(sparsity=sparsity)))
-    rep["accuracy"] = {
-        "perplexity": {"seqlen": 128, "dense": {"perplexity": 20.0}, "sparse": {"perplexity": 31.5}},
-        "zeroshot": {"dense": {"tasks": {"piqa": {"acc": 0.6}}}, "sparse": {"tasks": {"piqa": {"acc": 0.55}}}},
-    }
+    rep["accuracy"] = {"perplexity": {"seqlen": 128, "dense": {"perplexity": 20.0}, "sparse": {"perplexity": 31.5}},
+                       "zeroshot": {"dense": {"tasks": {"piqa": {"acc": 0.6}}},
+                                    "sparse": {"tasks": {"piqa": {"acc": 0.55}}}}}
     out = tmp_path / name
     paths = R.write_report(rep, out, [0.6, 0.7, 0.8])
     return rep, out, paths
@@ -430,9 +417,8 @@ def test_report_schema_round_trip(tmp_path):
         assert key in back["hardware"]
     assert back["versions"]["torch"]
     md = (out / "report.md").read_text()
-    assert (
-        "3.00x" in md and "perplexity" in md and "31.500" in md and "deepsparse vs onnxruntime dense (headline)" in md
-    )
+    assert "3.00x" in md and "perplexity" in md and "31.500" in md
+    assert "deepsparse vs onnxruntime dense (headline)" in md
     assert (out / "plots" / "speedup.png").stat().st_size > 1000
     assert (out / "plots" / "block_sparsity.png").stat().st_size > 1000
     assert not list(out.rglob("*.tmp*"))
@@ -448,15 +434,8 @@ def test_report_schema_round_trip(tmp_path):
 def test_compare_mode_cli(tmp_path):
     _report(tmp_path, 0.5, "r50")
     _report(tmp_path, 0.7, "r70")
-    r = cli(
-        "bench",
-        "--compare",
-        str(tmp_path / "r50" / "report.json"),
-        "--compare",
-        str(tmp_path / "r70"),
-        "--out",
-        str(tmp_path / "cmp"),
-    )
+    r = cli("bench", "--compare", str(tmp_path / "r50" / "report.json"), "--compare", str(tmp_path / "r70"),
+            "--out", str(tmp_path / "cmp"))
     assert r.returncode == 0, r.stderr
     cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert cmp["schema"] == R.COMPARE_SCHEMA and [row["report"] for row in cmp["rows"]] == ["r50", "r70"]
@@ -566,9 +545,8 @@ def test_shape_pair_builder(tmp_path, monkeypatch):
     kept = masks["model.layers.0.mlp.up_proj.weight"].bool()
     dw = d["model.layers.0.mlp.up_proj.weight"]
     # magnitude per row: every kept weight is at least as large as every pruned one in its row
-    assert (
-        dw.abs().masked_fill(~kept, float("inf")).min(1).values >= dw.abs().masked_fill(kept, 0).max(1).values
-    ).all()
+    smallest_kept = dw.abs().masked_fill(~kept, float("inf")).min(1).values
+    assert (smallest_kept >= dw.abs().masked_fill(kept, 0).max(1).values).all()
     assert (s["lm_head.weight"] != 0).all()  # lm_head dense
     got = shapes.linear_rates_from_model(tmp_path / "s" / "sparse")
     assert got["mlp.down_proj"] == pytest.approx(0.75) and got["self_attn.k_proj"] == pytest.approx(0.5)
@@ -621,36 +599,10 @@ def test_bench_tiny_exported_model(tiny_pair, tmp_path, text_file):
     dense, sparse = tiny_pair
     rts = "onnxruntime,deepsparse" if HAS_DS else "onnxruntime"
     out = tmp_path / "bench"
-    r = cli(
-        "bench",
-        str(sparse),
-        "--baseline",
-        str(dense),
-        "--out",
-        str(out),
-        "--runtimes",
-        rts,
-        "--threads",
-        "1",
-        "--prompt-lens",
-        "16,32",
-        "--decode-past",
-        "16",
-        "--decode-tokens",
-        "4",
-        "--gen-tokens",
-        "4",
-        "--warmup",
-        "1",
-        "--repeats",
-        "2",
-        "--ppl-data",
-        str(text_file),
-        "--ppl-seqlen",
-        "64",
-        "--ppl-max-tokens",
-        "256",
-    )
+    r = cli("bench", str(sparse), "--baseline", str(dense), "--out", str(out), "--runtimes", rts, "--threads", "1",
+            "--prompt-lens", "16,32", "--decode-past", "16", "--decode-tokens", "4", "--gen-tokens", "4",
+            "--warmup", "1", "--repeats", "2", "--ppl-data", str(text_file), "--ppl-seqlen", "64",
+            "--ppl-max-tokens", "256")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"report: {out / 'report.json'}" in r.stdout.replace("\n", "")
     rep = R.load_report(out)
