@@ -8,7 +8,6 @@ One integration test packs the real model (magnitude 70% with explicit masks) an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
