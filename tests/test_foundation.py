@@ -147,7 +147,8 @@ def test_cli_errors_are_one_line(tiny_dir, tmp_path):
 
 def test_cli_evaluate_json(tiny_dir, text_file, tmp_path):
     out = tmp_path / "ppl.json"
-    r = cli("evaluate", str(tiny_dir), "--data", str(text_file), "--seqlen", "64", "--max-tokens", "256", "--json", str(out))
+    r = cli("evaluate", str(tiny_dir), "--data", str(text_file), "--seqlen", "64", "--max-tokens", "256",
+            "--json", str(out))
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
     assert d["seqlen"] == 64 and d["windows"] == 4 and d["perplexity"] > 1
@@ -159,7 +160,8 @@ def test_real_model_perplexity_prefix(shared_data):
     from losa_deploy.evaluation.perplexity import evaluate_perplexity
 
     m, tok = load_model("smollm2-135m")
-    r = evaluate_perplexity(m, tok, str(shared_data / "wikitext-2-raw" / "wiki.test.raw"), 2048, max_tokens=4096, progress=False)
+    r = evaluate_perplexity(m, tok, str(shared_data / "wikitext-2-raw" / "wiki.test.raw"), 2048, max_tokens=4096,
+                            progress=False)
     assert r.tokens_total == 304987
     assert r.windows == 2
     assert 10 < r.perplexity < 40
