@@ -22,6 +22,8 @@ ALLOCATIONS = ("uniform", "atp", "owl", "rmi")
 OBJECTIVES = ("lm", "distill")
 MASK_METHODS = ("wanda", "sparsegpt")
 CALIB_DTYPES = ("float32", "bfloat16", "auto")
+# linear: warmup, then decay over all steps; wsd: warmup, hold the peak, decay during the last step only.
+LR_SCHEDULES = ("linear", "wsd")
 DEFAULT_SPARSITY = 0.5
 # Field -> the key a profile writes (the flag without its dashes), where the two differ. Messages use these names.
 USER_KEYS = {
@@ -29,6 +31,7 @@ USER_KEYS = {
     "losa_train_data": "train_data", "losa_train_samples": "train_samples", "losa_train_seqlen": "train_seqlen",
     "losa_objective": "objective", "losa_mask_method": "mask_method", "losa_alpha": "lora_alpha",
     "losa_dropout": "dropout", "losa_lr": "lr", "losa_batch_size": "batch_size", "losa_uniform_ranks": "uniform_ranks",
+    "losa_lr_schedule": "lr_schedule",
 }
 
 
@@ -78,6 +81,7 @@ class CompressRecipe:
     losa_alpha: float = 16.0
     losa_dropout: float = 0.1
     losa_lr: float = 2e-4
+    losa_lr_schedule: str = "linear"
     losa_train_data: str = "self"
     losa_train_samples: int = 256
     losa_train_seqlen: int = 256
@@ -193,6 +197,8 @@ class CompressRecipe:
                 raise UserError(
                     f"ranks must satisfy 1 <= --rank-start ({self.losa_rank_min}) <= --rank-end ({self.losa_rank_max}) <= --rank-cap ({self.losa_rank_cap})"
                 )
+            if self.losa_lr_schedule not in LR_SCHEDULES:
+                raise UserError(f"unknown --lr-schedule '{self.losa_lr_schedule}': use one of {', '.join(LR_SCHEDULES)}")
             if self.losa_objective not in OBJECTIVES:
                 raise UserError(f"unknown --objective '{self.losa_objective}': use one of {', '.join(OBJECTIVES)}")
             if self.losa_mask_method not in MASK_METHODS:

@@ -73,6 +73,11 @@ def compress(
     train_seqlen: Optional[int] = typer.Option(None, "--train-seqlen", help="LoSA: fine-tuning sequence length in tokens \\[default: 256]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="LoSA: fine-tuning batch size \\[default: 4]."),
     lr: Optional[float] = typer.Option(None, "--lr", help="LoSA: AdamW learning rate, one schedule over all steps \\[default: 2e-4]."),
+    lr_schedule: Optional[str] = typer.Option(
+        None, "--lr-schedule",
+        help="LoSA: linear (warmup, then decay over all steps) | wsd (warmup, hold, decay in the last step) "
+             "\\[default: linear].",
+    ),
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoSA: adapter scale alpha (update = alpha/r * (B A) * M) \\[default: 16]."),
     lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="LoSA: dropout on the adapter input \\[default: 0.1, the paper's]; 0 fuses adapter and weight into one matmul (faster training)."),
     uniform_ranks: Optional[bool] = typer.Option(None, "--uniform-ranks/--allocated-ranks", help="LoSA ablation: same rank for every block \\[default: allocated by reconstruction error]."),
@@ -94,7 +99,8 @@ def compress(
         "dtype": dtype, "calib_dtype": calib_dtype, "offload": offload, "overwrite": overwrite, "losa_steps": steps, "losa_rank_min": rank_start,
         "losa_rank_max": rank_end, "losa_rank_cap": rank_cap, "losa_train_data": train_data,
         "losa_train_samples": train_samples, "losa_objective": objective, "losa_mask_method": mask_method, "resume": resume,
-        "losa_train_seqlen": train_seqlen, "losa_batch_size": batch_size, "losa_lr": lr, "losa_uniform_ranks": uniform_ranks,
+        "losa_train_seqlen": train_seqlen, "losa_batch_size": batch_size, "losa_lr": lr, "losa_lr_schedule": lr_schedule,
+        "losa_uniform_ranks": uniform_ranks,
         "losa_alpha": lora_alpha, "losa_dropout": lora_dropout,
     }
     settings = merge(section(prof, "compress"), cli)

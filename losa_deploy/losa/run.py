@@ -222,9 +222,9 @@ def run_losa(
 
     adapters = attach_adapters(lin, r_max, recipe.losa_alpha, recipe.losa_dropout, seed=recipe.seed)
     params = list(adapters.parameters())
-    import os
+    # wsd: the peak lr holds until the last step, which then decays to 0 (the final sparsity gets full-size updates).
     decay_from = (total_updates - num_batches(slices[-1][1] - slices[-1][0], bs)
-                  if os.environ.get("LOSA_EXP_SCHED") == "wsd" else None)
+                  if recipe.losa_lr_schedule == "wsd" else None)
     opt, sched = make_optimizer(params, recipe.losa_lr, total_updates, decay_from=decay_from)
     history: list[dict[str, Any]] = []
     losses: list[float] = []
@@ -370,7 +370,7 @@ def run_losa(
         "rank_allocation": "uniform" if getattr(recipe, "losa_uniform_ranks", False) else "reconstruction-error",
         "train_data": recipe.losa_train_data, "train_samples": len(samples), "train_seqlen": recipe.losa_train_seqlen,
         "batch_size": bs, "optimizer": {"name": "AdamW", "lr": recipe.losa_lr, "weight_decay": 0.0, "warmup": 0.3,
-                                        "schedule": "linear", "total_steps": total_updates, "max_grad_norm": 1.0},
+                                        "schedule": recipe.losa_lr_schedule, "decay_from": decay_from, "total_steps": total_updates, "max_grad_norm": 1.0},
         "alpha": recipe.losa_alpha, "dropout": recipe.losa_dropout, "adapter_form": adapters.form, "autocast": "bfloat16" if use_bf16 else None,
         "teacher_dtype": teacher_dtype, "loss_curve": losses, "final_ranks": final_ranks,
         "kept_weights_exactly_zero": kept_zero, "resumed_from_step": resumed_from,
