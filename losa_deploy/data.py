@@ -157,6 +157,19 @@ def _load_dataset(name: str, split: str | None) -> list[Record]:
     return [Record(t) for t in ds[field]]
 
 
+def check_data_path(spec: str | None, flag: str) -> None:
+    """Refuse, before any work, a data source that cannot be read: a missing file or an unknown dataset name."""
+    if spec is None or spec == SELF or spec.split(":", 1)[0] in DATASETS:
+        return
+    p = Path(spec).expanduser()
+    looks_like_file = "/" in spec or spec.endswith(TEXT_SUFFIXES + (".json", ".jsonl", ".parquet"))
+    if looks_like_file and not p.is_file():
+        raise UserError(f"{flag}: data file '{spec}' not found")
+    if not looks_like_file and not p.exists():
+        raise UserError(f"{flag}: unknown data source '{spec}': give a file path, one of {', '.join(DATASETS)}, "
+                        "or 'self'")
+
+
 def eval_text(spec: str) -> str:
     """The evaluation string as the literature builds it: rows joined with "\\n\\n" (METHODS §5)."""
     return "\n\n".join(r.text for r in load_records(spec))

@@ -1,4 +1,4 @@
-"""`losa-deploy compress`: profile + flags -> CompressRecipe -> compress.run_compress -> summary table."""
+"""`losa-deploy compress`: profile + flags -> `compress.Recipe` -> `compress.run_compress` -> summary table."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import List, Optional
 import typer
 
 from ..console import out
-from ..errors import UserError
 from .app import app
 
 _EXAMPLES = "\n\n".join([
@@ -20,15 +19,6 @@ _EXAMPLES = "\n\n".join([
     "  losa-deploy compress --method wanda --sparsity 0.7 --allocation atp --atp-beta auto --out runs/atp70",
     "  losa-deploy compress --method wanda --pattern mixed:8 --sparsity 0.75 --allocation owl --out runs/mixed28",
 ])
-
-
-def _beta(value: Optional[str]) -> Optional[object]:
-    if value is None or value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise UserError(f"--atp-beta must be a number or 'auto' (got '{value}')")
 
 
 @app.command(epilog=_EXAMPLES)
@@ -79,28 +69,25 @@ def compress(
     resume: Optional[bool] = typer.Option(None, "--resume", help="LoSA: continue an interrupted run from its last finished step."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout instead of the table."),
 ) -> None:
-    """Prune a dense causal LM block by block (Wanda / SparseGPT / magnitude, or LoSA) and save a sparse HF checkpoint."""
-    from ..compress import command_line, run_compress
-    from ..profiles import load_profile, merge, section
-    from ..recipe import CompressRecipe
+    """Prune a dense causal LM block by block (Wanda / SparseGPT / magnitude, or LoSA) and save a sparse HF
+    checkpoint."""
+    from ..compress import Recipe, command_line, run_compress
+    from ..profiles import load_profile
 
     prof = load_profile(profile) if profile else None
-    cli = {
+    flags = {  # each flag under its one name: the profile key and the recipe field are the same word
         "out": out_dir, "model": model, "method": method, "pattern": pattern, "sparsity": sparsity,
-        "allocation": allocation, "atp_beta": _beta(atp_beta), "tune_data": tune_data, "owl_m": owl_m,
+        "allocation": allocation, "atp_beta": atp_beta, "tune_data": tune_data, "owl_m": owl_m,
         "owl_lambda": owl_lambda, "rmi_beta": rmi_beta, "calib_data": calib_data, "nsamples": nsamples,
         "seqlen": seqlen, "seed": seed, "ignore": list(ignore) if ignore else None, "eval_data": eval_data,
-        "eval_seqlen": eval_seqlen, "eval_max_tokens": eval_max_tokens, "eval_before": eval_before, "device": device,
-        "dtype": dtype, "calib_dtype": calib_dtype, "offload": offload, "overwrite": overwrite, "losa_steps": steps, "losa_rank_min": rank_start,
-        "losa_rank_max": rank_end, "losa_rank_cap": rank_cap, "losa_train_data": train_data,
-        "losa_train_samples": train_samples, "losa_objective": objective, "losa_mask_method": mask_method, "resume": resume,
-        "losa_train_seqlen": train_seqlen, "losa_batch_size": batch_size, "losa_lr": lr, "losa_uniform_ranks": uniform_ranks,
-        "losa_alpha": lora_alpha, "losa_dropout": lora_dropout,
+        "eval_seqlen": eval_seqlen, "eval_max_tokens": eval_max_tokens, "eval_before": eval_before,
+        "device": device, "dtype": dtype, "calib_dtype": calib_dtype, "offload": offload, "overwrite": overwrite,
+        "steps": steps, "rank_start": rank_start, "rank_end": rank_end, "rank_cap": rank_cap,
+        "train_data": train_data, "train_samples": train_samples, "objective": objective,
+        "mask_method": mask_method, "resume": resume, "train_seqlen": train_seqlen, "batch_size": batch_size,
+        "lr": lr, "uniform_ranks": uniform_ranks, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
     }
-    settings = merge(section(prof, "compress"), cli)
-    if settings.get("allocation") != "atp" and "atp_beta" in settings and atp_beta is None:
-        settings.pop("atp_beta")  # a profile's ATP beta does not apply once a flag picks another allocation
-    recipe = CompressRecipe.from_settings(settings)
+    recipe = Recipe.from_profile(prof, flags)
     manifest = run_compress(recipe, progress=not json_out, command=command_line(),
                             profile=prof.get("name") if prof else None)
     if json_out:

@@ -7,7 +7,7 @@ linearly, so later, harder steps get more trainable capacity.
 
 from __future__ import annotations
 
-from ..errors import UserError
+from ...errors import UserError
 
 
 def cubic_sparsity(target: float, step: int, steps: int) -> float:
