@@ -19,7 +19,8 @@ DATASETS: dict[str, tuple[tuple[Any, ...], dict[str, Any], str, str]] = {
     "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {}, "test", "text"),
     "c4": (
         ("allenai/c4",),
-        {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz", "train": "en/c4-train.00000-of-01024.json.gz"}},
+        {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz",
+                        "train": "en/c4-train.00000-of-01024.json.gz"}},
         "validation",
         "text",
     ),
@@ -30,7 +31,8 @@ SELF = "self"
 TEXT_SUFFIXES = (".txt", ".raw", ".text", ".md")
 
 ALPACA_PROMPT = (
-    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request.\n\n"
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the "
+    "request.\n\n"
     "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
 

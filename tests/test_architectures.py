@@ -140,7 +140,8 @@ def test_losa_each_arch(arch, tmp_path, text_file):
     from losa_deploy.compress import run_compress
     from losa_deploy.compress import Recipe
 
-    a, kw = (arch, LOSA) if arch != "dense-lora" else ("phi3", LOSA | {"method": "dense-lora", "allocation": "uniform"})
+    dense_lora = ("phi3", LOSA | {"method": "dense-lora", "allocation": "uniform"})
+    a, kw = (arch, LOSA) if arch != "dense-lora" else dense_lora
     src = save_tiny(tmp_path / "dense", arch=a, layers=2)
     data = "self" if arch == "gemma3" else str(text_file)  # data-free text sampled through the model's own cache
     rec = Recipe.of(model=str(src), out=str(tmp_path / "out"), calib_data=data, nsamples=4, seqlen=16,

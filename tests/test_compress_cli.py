@@ -94,7 +94,8 @@ def test_profile_mixed_with_owl_and_flag_override(tiny_dir, text_file, tmp_path,
 
 def test_atp_auto_records_grid_and_tunes_on_heldout_windows(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "atp"
-    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out), "--calib-data", str(text_file),
+    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out),
+                       "--calib-data", str(text_file),
                        "--nsamples", "3", "--seqlen", "32", "--sparsity", "0.6", "--allocation", "atp",
                        "--atp-beta", "auto")
     assert code == 0, e
@@ -103,7 +104,8 @@ def test_atp_auto_records_grid_and_tunes_on_heldout_windows(tiny_dir, text_file,
     assert len(tune["grid"]) == 7 and tune["grid"][0]["beta"] == 0.0
     lo, hi = tune["range"]
     assert 0 < man["allocation"]["beta"] < hi
-    assert man["calibration"]["tuning"]["windows"] == 8 and man["calibration"]["tuning"]["identical_to_calibration"] == 0
+    tuning = man["calibration"]["tuning"]
+    assert tuning["windows"] == 8 and tuning["identical_to_calibration"] == 0
     rates = [b["rate"] for b in man["blocks"]]
     assert rates == sorted(rates) and sum(rates) / 4 == pytest.approx(0.6)
 
@@ -128,7 +130,8 @@ def test_atp_tuning_restores_the_dense_weights_exactly(text_file):
 
 def test_rmi_allocation(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "rmi"
-    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out), "--calib-data", str(text_file),
+    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out),
+                       "--calib-data", str(text_file),
                        "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.7", "--allocation", "rmi")
     assert code == 0, e
     man = json.loads((out / "losa_manifest.json").read_text())
@@ -138,7 +141,8 @@ def test_rmi_allocation(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
 
 def test_calib_dtype_bfloat16_is_recorded_and_prunes_exactly(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "bf16"
-    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out), "--calib-data", str(text_file),
+    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out),
+                       "--calib-data", str(text_file),
                        "--nsamples", "4", "--seqlen", "32", "--method", "sparsegpt", "--sparsity", "0.5",
                        "--calib-dtype", "bfloat16")
     assert code == 0, e
@@ -199,7 +203,8 @@ def _error_cases(tiny_dir: Path, text_file: Path, short: Path) -> list[tuple[lis
         (base + ["--allocation", "magic"], "unknown allocation"),
         (base + ["--allocation", "atp", "--atp-beta", "0.9", "--sparsity", "0.5"], r"0 < beta <= 0.333333"),
         (base + ["--pattern", "3:7"], "model.layers.0.self_attn.q_proj.weight"),
-        (["--model", str(tiny_dir), "--calib-data", str(short), "--nsamples", "2", "--seqlen", "64"], "fewer than one window"),
+        (["--model", str(tiny_dir), "--calib-data", str(short), "--nsamples", "2", "--seqlen", "64"],
+         "fewer than one window"),
         (base + ["--eval-data", str(short), "--eval-seqlen", "64"], "fewer than one window"),
         (base + ["--profile", "no-such-profile"], "known profiles"),
         (base + ["--method", "losa", "--steps", "0"], "steps"),

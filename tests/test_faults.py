@@ -107,7 +107,8 @@ def test_tampered_checkpoint_refused_by_every_consumer(sparse_dir, text_file, tm
         "export onnx": ["export", str(bad), "--format", "onnx", "--out", str(tmp_path / "x_onnx")],
         "export tensorrt": ["export", str(bad), "--format", "tensorrt", "--out", str(tmp_path / "x_trt")],
         "evaluate": ["evaluate", str(bad), "--data", str(text_file), "--seqlen", "32", "--max-tokens", "64"],
-        "bench": ["bench", str(bad), "--baseline", str(sparse_dir.parent / "dense"), "--out", str(tmp_path / "x_bench"),
+        "bench": ["bench", str(bad), "--baseline", str(sparse_dir.parent / "dense"),
+                  "--out", str(tmp_path / "x_bench"),
                   "--skip-latency", "--skip-accuracy"],
         "generate": ["generate", str(bad), "--runtime", "torch", "--prompt", "abc", "--max-new-tokens", "2"],
     }
@@ -445,7 +446,8 @@ def test_files_get_the_usual_mode(sparse_dir, tmp_path, monkeypatch, capsys):
     assert code == 0, e
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755
     for f in (tmp_path / "hf").iterdir():
-        assert f.stat().st_mode & 0o777 == 0o644, f  # the compressed-tensors weights (written by safetensors as 0600) included
+        # the compressed-tensors weights (written by safetensors as 0600) included
+        assert f.stat().st_mode & 0o777 == 0o644, f
     old = os.umask(0o027)
     try:
         assert write_json(tmp_path / "u.json", {}).stat().st_mode & 0o777 == 0o640  # the umask is respected

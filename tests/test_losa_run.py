@@ -106,7 +106,8 @@ def test_resume_other_recipe_refused(tmp_path, text_file):
 
 
 def test_instruction_data_distill_and_nm(tmp_path, text_file):
-    recs = [{"instruction": f"Say the word number {i}.", "input": "", "output": "word " * (5 + i % 7)} for i in range(30)]
+    recs = [{"instruction": f"Say the word number {i}.", "input": "", "output": "word " * (5 + i % 7)}
+            for i in range(30)]
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(recs))
     tok = byte_tokenizer()

@@ -151,7 +151,8 @@ def test_bf16_block_forwards_prune_to_exact_targets():
         r16 = prune_sequential(m16, ids, PruneSpec("wanda", parse_pattern("unstructured")), [0.5] * 4, progress=False)
     for k, m in r16.masks.items():
         assert _row_exact(m, 0.5), k
-    agree = sum(int((r16.masks[k] == r32.masks[k]).sum()) for k in r32.masks) / sum(m.numel() for m in r32.masks.values())
+    same = sum(int((r16.masks[k] == r32.masks[k]).sum()) for k in r32.masks)
+    agree = same / sum(m.numel() for m in r32.masks.values())
     assert agree > 0.95  # a few ties flip under bf16 rounding, most of the mask does not
 
 
@@ -159,7 +160,8 @@ def test_magnitude_masks_match_inline_magnitude_and_per_block_rates():
     model = tiny_model("llama")
     ref = tiny_model("llama")
     rates = [0.2, 0.4, 0.6, 0.8]
-    res = prune_sequential(model, None, PruneSpec("magnitude", parse_pattern("unstructured")), rates, progress=False)  # no data needed
+    spec = PruneSpec("magnitude", parse_pattern("unstructured"))
+    res = prune_sequential(model, None, spec, rates, progress=False)  # no data needed
     assert res.timings["forward_s"] == 0.0
     for full, (bi, lin) in prunable_linears(ref).items():
         w = lin.weight.detach()
@@ -195,7 +197,8 @@ def test_ignore_keeps_layers_dense():
 def test_offload_gives_the_same_result():
     a, b = tiny_model("llama"), tiny_model("llama")
     ra = prune_sequential(a, _ids(), PruneSpec("sparsegpt", parse_pattern("unstructured")), [0.6] * 4, progress=False)
-    rb = prune_sequential(b, _ids(), PruneSpec("sparsegpt", parse_pattern("unstructured")), [0.6] * 4, offload=True, progress=False)
+    rb = prune_sequential(b, _ids(), PruneSpec("sparsegpt", parse_pattern("unstructured")), [0.6] * 4, offload=True,
+                          progress=False)
     for k in ra.masks:
         assert torch.equal(ra.masks[k], rb.masks[k])
         assert torch.allclose(a.get_parameter(k), b.get_parameter(k), atol=1e-6)
@@ -231,7 +234,8 @@ def test_recon_error_zero_when_nothing_pruned_and_grows_with_depth_of_damage():
     dense = tiny_model("llama")
     m = tiny_model("llama")
     state = {k: v.clone() for k, v in dense.state_dict().items()}
-    res = prune_sequential(m, _ids(), PruneSpec("wanda", parse_pattern("unstructured")), [0.0] * 4, dense_state=state, progress=False)
+    res = prune_sequential(m, _ids(), PruneSpec("wanda", parse_pattern("unstructured")), [0.0] * 4, dense_state=state,
+                           progress=False)
     assert res.recon_error == pytest.approx([0.0] * 4, abs=1e-6)
     res = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("wanda", parse_pattern("unstructured")), [0.7] * 4,
                            dense_state=state, progress=False)
@@ -313,7 +317,8 @@ def test_manifest_round_trip_and_errors(tmp_path):
     (tmp_path / "losa_manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="corrupt"):
         read_manifest(tmp_path)
-    (tmp_path / "losa_manifest.json").write_text(json.dumps({"schema": "other", "version": 1, "recipe": {}, "blocks": [], "linears": {}}))
+    other = {"schema": "other", "version": 1, "recipe": {}, "blocks": [], "linears": {}}
+    (tmp_path / "losa_manifest.json").write_text(json.dumps(other))
     with pytest.raises(UserError, match="schema"):
         read_manifest(tmp_path)
 
@@ -371,7 +376,8 @@ def test_sparsegpt_damping_retry_is_reported_naming_the_layer(monkeypatch, capsy
         return w, mask, info
 
     monkeypatch.setattr(sg, "sparsegpt_prune", flaky)
-    res = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("sparsegpt", parse_pattern("unstructured")), [0.5] * 4, progress=False)
+    spec = PruneSpec("sparsegpt", parse_pattern("unstructured"))
+    res = prune_sequential(tiny_model("llama"), _ids(), spec, [0.5] * 4, progress=False)
     assert len(res.warnings) == 1 and "model.layers.1.mlp.up_proj.weight" in res.warnings[0]
     assert "Cholesky" in capsys.readouterr().err
 
@@ -384,7 +390,8 @@ def test_sliding_window_blocks_get_their_own_mask():
     from losa_deploy.compress.sequential import walk_blocks
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    cfg = Qwen2Config(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=512, use_sliding_window=True, sliding_window=8,
                       max_window_layers=2, attn_implementation="eager")
     model = AutoModelForCausalLM.from_config(cfg).eval()

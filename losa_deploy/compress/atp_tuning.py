@@ -102,6 +102,7 @@ def tune_atp_beta(
     if not cands:
         raise UserError("ATP tuning produced no finite perplexity; pass --atp-beta explicitly")
     best = min(cands, key=lambda r: r["tune_ppl"])
-    proxy = "magnitude masks per beta" if recipe.method == "magnitude" else "dense-pass Wanda statistics, masks per beta"
+    proxy = ("magnitude masks per beta" if recipe.method == "magnitude"
+             else "dense-pass Wanda statistics, masks per beta")
     return best["beta"], {"grid": rows, "chosen": best["beta"], "range": [0.0, hi],
                           "seconds": time.perf_counter() - t0, "proxy": proxy}

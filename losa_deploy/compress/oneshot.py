@@ -17,4 +17,5 @@ def run_oneshot(inputs: MethodInputs) -> MethodResult:
     timings = {"allocation_s": done.allocation_s, "prune_s": done.prune_s}
     timings.update({f"prune_{k}": v for k, v in res.timings.items()})
     return MethodResult(masks=res.masks, targets=res.targets, block_rates=res.block_rates, block_nm=res.block_nm,
-                        realised=res.realised, patterns=res.patterns, allocation=allocation, timings=timings, warnings=list(res.warnings))
+                        realised=res.realised, patterns=res.patterns, allocation=allocation, timings=timings,
+                        warnings=list(res.warnings))

@@ -56,6 +56,18 @@ def _need(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+def _above(value: float, bound: float, name: str) -> None:
+    _need(value > bound, f"{name} must be > {bound} (got {value})")
+
+
+def _at_least(value: float, bound: float, name: str) -> None:
+    _need(value >= bound, f"{name} must be >= {bound} (got {value})")
+
+
+def _fraction(value: float, name: str) -> None:
+    _need(0.0 <= value < 1.0, f"{name} must be in [0, 1) (got {value})")
+
+
 def _one_of(value: str, choices: tuple[str, ...], label: str) -> None:
     _need(value in choices, f"unknown {label} '{value}': use one of {', '.join(choices)}")
 
@@ -88,7 +100,7 @@ class PruneSettings:
             _need(abs(s - (1 - p.n / p.m)) <= 1e-9,
                   f"pattern {p} means {1 - p.n / p.m:.4g} sparsity, not {s}; drop --sparsity or use mixed:{p.m}")
         _need(0 < self.percdamp < 1, f"percdamp must be in (0, 1) (got {self.percdamp})")
-        _need(self.blocksize >= 1, f"blocksize must be >= 1 (got {self.blocksize})")
+        _at_least(self.blocksize, 1, "blocksize")
 
 
 @dataclass
@@ -111,22 +123,27 @@ class AllocationSettings:
 
     def validate(self) -> None:
         _one_of(self.allocation, ALLOCATIONS, "allocation")
-        if isinstance(self.atp_beta, (int, float)):
-            self.atp_beta = float(self.atp_beta)
-        elif isinstance(self.atp_beta, str) and self.atp_beta != "auto":
-            try:
-                self.atp_beta = float(self.atp_beta)
-            except ValueError:
-                raise UserError(f"--atp-beta must be a number or 'auto' (got '{self.atp_beta}')") from None
+        check_data_path(self.tune_data, "--tune-data")
+        self.atp_beta = _atp_beta(self.atp_beta)
         _need(self.atp_beta is None or self.allocation == "atp",
               f"--atp-beta only applies to --allocation atp (got --allocation {self.allocation})")
-        _need(not isinstance(self.atp_beta, float) or self.atp_beta > 0, f"--atp-beta must be > 0 (got {self.atp_beta})")
-        _need(self.atp_grid >= 2, f"atp_grid must be >= 2: the ATP grid needs at least 2 values (got {self.atp_grid})")
-        _need(self.tune_samples >= 1, f"tune_samples must be >= 1 (got {self.tune_samples})")
-        _need(self.owl_m > 0, f"--owl-m must be > 0 (got {self.owl_m})")
-        _need(0 <= self.owl_lambda < 1, f"--owl-lambda must be in [0, 1) (got {self.owl_lambda})")
-        _need(self.rmi_beta > 0, f"--rmi-beta must be > 0 (got {self.rmi_beta})")
-        check_data_path(self.tune_data, "--tune-data")
+        if isinstance(self.atp_beta, float):
+            _above(self.atp_beta, 0, "--atp-beta")
+        _at_least(self.atp_grid, 2, "atp_grid (the ATP grid's size)")
+        _at_least(self.tune_samples, 1, "tune_samples")
+        _above(self.owl_m, 0, "--owl-m")
+        _fraction(self.owl_lambda, "--owl-lambda")
+        _above(self.rmi_beta, 0, "--rmi-beta")
+
+
+def _atp_beta(value: float | str | None) -> float | str | None:
+    """The one place ATP's beta is read: a number (flags and profiles may give text), 'auto', or None."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"--atp-beta must be a number or 'auto' (got '{value}')") from None
 
 
 @dataclass
@@ -140,8 +157,8 @@ class CalibrationSettings:
     calib_dtype: str = "float32"  # float32 | bfloat16 | auto
 
     def validate(self) -> None:
-        _need(self.nsamples >= 1, f"--nsamples must be >= 1 (got {self.nsamples})")
-        _need(self.seqlen > 1, f"--seqlen must be > 1 (got {self.seqlen})")
+        _at_least(self.nsamples, 1, "--nsamples")
+        _above(self.seqlen, 1, "--seqlen")
         _one_of(self.calib_dtype, CALIB_DTYPES, "--calib-dtype")
         check_data_path(self.calib_data, "--calib-data")
 
@@ -168,8 +185,8 @@ class AdapterSettings:
 
     def validate(self, one_shot: bool) -> None:
         """`one_shot`: dense-lora (T = 1, one rank `rank_end`, no per-step data split)."""
-        _need(self.steps >= 1, f"--steps must be >= 1 (got {self.steps})")
-        _need(self.rank_cap >= 1, f"--rank-cap must be >= 1 (got {self.rank_cap})")
+        _at_least(self.steps, 1, "--steps")
+        _at_least(self.rank_cap, 1, "--rank-cap")
         if one_shot:
             _need(1 <= self.rank_end <= self.rank_cap,
                   f"--rank-end ({self.rank_end}) must lie in [1, --rank-cap {self.rank_cap}]")
@@ -183,9 +200,9 @@ class AdapterSettings:
         _one_of(self.mask_method, MASK_METHODS, "--mask-method")
         _need(self.train_samples >= 1 and self.train_seqlen > 1 and self.batch_size >= 1,
               "--train-samples, --train-seqlen and --batch-size must be positive")
-        _need(self.lr > 0, f"--lr must be > 0 (got {self.lr})")
-        _need(0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
-        _need(self.lora_alpha > 0, f"--lora-alpha must be > 0 (got {self.lora_alpha})")
+        _above(self.lr, 0, "--lr")
+        _fraction(self.lora_dropout, "--lora-dropout")
+        _above(self.lora_alpha, 0, "--lora-alpha")
         check_data_path(self.train_data, "--train-data")
 
 
@@ -199,7 +216,7 @@ class EvaluationSettings:
     eval_before: bool = True
 
     def validate(self) -> None:
-        _need(self.eval_seqlen > 1, f"--eval-seqlen must be > 1 (got {self.eval_seqlen})")
+        _above(self.eval_seqlen, 1, "--eval-seqlen")
         _need(self.eval_max_tokens is None or self.eval_max_tokens >= self.eval_seqlen,
               f"--eval-max-tokens ({self.eval_max_tokens}) must be at least one window "
               f"(--eval-seqlen {self.eval_seqlen})")

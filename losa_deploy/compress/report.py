@@ -78,7 +78,8 @@ def calibration_record(model: nn.Module, recipe: Recipe, cal: Calibration, calib
 
 def memory_record(device: str) -> dict[str, float]:
     cuda = torch.device(device).type == "cuda"
-    return {"peak_rss_mb": peak_rss_mb(), **({"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {})}
+    cuda_peak = {"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}
+    return {"peak_rss_mb": peak_rss_mb(), **cuda_peak}
 
 
 def _numel(model: nn.Module, weight_name: str) -> int:

@@ -5,8 +5,8 @@ passes: attention mask, position ids, rotary cos/sin, cache position) entering b
 in turn to a *visitor* together with its inputs; the visitor gathers statistics, prunes, measures, and the
 block's outputs become the next block's inputs. Only one block's activations (nsamples x seqlen x hidden) are
 alive at a time, samples go through a block one at a time, and with `offload` only the current block sits on
-the compute device. Pruning (`prune_sequential`), RMI's Gram matrices (`collect_block_grams`) and OWL's outlier
-ratios (`collect_outlier_ratios`) are visitors on that one walk (pruning's lives in `prune.py`), so a fix to the data flow is made once.
+the compute device. Pruning (`prune.prune_sequential`), RMI's Gram matrices (`collect_block_grams`) and OWL's
+outlier ratios (`collect_outlier_ratios`) are visitors on that one walk, so a fix to the data flow is made once.
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def _block_autocast(hidden: Tensor):
 
 
 def _no_autocast(x: Tensor):
-    return torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext()
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -415,7 +417,8 @@ def collect_wanda_stats(
             out[f"{prefix}{lname}.weight"] = stats[lname].sq.cpu()
         return y
 
-    walk_blocks(model, calib_ids, visit, device=device, offload=offload, progress=progress, desc=desc, last_output=False)
+    walk_blocks(model, calib_ids, visit, device=device, offload=offload, progress=progress, desc=desc,
+                last_output=False)
     return out
 
 

@@ -75,7 +75,8 @@ def run_dense_lora(inputs: MethodInputs) -> MethodResult:
     return MethodResult(
         masks=masks, targets=dict(res.targets), block_rates=[float(r) for r in res.block_rates],
         block_nm=list(res.block_nm), realised={n: 1.0 - float(m.float().mean()) for n, m in masks.items()},
-        patterns=dict(res.patterns), block_ranks=ranks, allocation={"method": f"{inputs.recipe.rates.allocation} ({VARIANT})"},
+        patterns=dict(res.patterns), block_ranks=ranks,
+        allocation={"method": f"{inputs.recipe.rates.allocation} ({VARIANT})"},
         timings={"losa_s": section["timings"]["total_s"]}, section=section)
 
 

@@ -45,7 +45,8 @@ def run_losa(inputs: MethodInputs, on_step_end: StepHook | None = None) -> Metho
         run.steps(on_step_end)
     except KeyboardInterrupt as e:  # the work state stays for --resume; say so in the one-line message
         if (run.work_dir / STATE_FILE).is_file():
-            e.hint = f"LoSA state of the last finished step kept in {run.work_dir}; rerun with --resume"  # type: ignore[attr-defined]
+            hint = f"LoSA state of the last finished step kept in {run.work_dir}; rerun with --resume"
+            e.hint = hint  # type: ignore[attr-defined]
         raise
     return run.finish()
 

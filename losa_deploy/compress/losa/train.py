@@ -28,7 +28,8 @@ class TrainSample:
     labels: Tensor  # [len] long, IGNORE where no loss (prompt tokens, padding)
 
 
-def build_train_samples(tokenizer: Any, spec: str, nsamples: int, seqlen: int, seed: int, model: Any = None) -> list[TrainSample]:
+def build_train_samples(tokenizer: Any, spec: str, nsamples: int, seqlen: int, seed: int,
+                        model: Any = None) -> list[TrainSample]:
     """`nsamples` training sequences from a data spec, shuffled with `seed`.
 
     Instruction records (Alpaca JSON/JSONL or dataset): one record per sample, prompt tokens masked from the
@@ -197,8 +198,10 @@ def train_slice(
                 if objective == "distill":
                     assert teacher is not None
                     with torch.no_grad():
-                        t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-                    s_logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+                        t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                           use_cache=False).logits
+                    s_logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                     use_cache=False).logits
                     loss = distill_loss(s_logits, t_logits, b["attention_mask"].bool())
                 else:
                     loss = model(**b, use_cache=False).loss
