@@ -50,32 +50,41 @@ def run_dense_lora(inputs: MethodInputs) -> MethodResult:
     timings["rmi_s"] = first.allocation_s + final.allocation_s
     timings["prune_s"] = first.prune_s + final.prune_s
     masks, kept_zero = _final_masks(setup.linears, final.prune.masks)
-    kept_final = sum(int(m.sum()) for m in masks.values())
-    kept_both = sum(int((m & first.prune.masks[n]).sum()) for n, m in masks.items())
     rank = int(inputs.recipe.adapters.rank_end)
-    ranks = [rank] * allocator.num_blocks
     section = {
         "variant": VARIANT,
         "description": "prune once, train a dense (unmasked) LoRA, merge, re-prune to the target",
         "passes": [_pass_record(first, "prune"), _pass_record(final, "re-prune")],
-        "sparsity": {"target": S, "after_prune": sparsity_pruned, "after_merge": sparsity_merged,
-                     "after_reprune": mean_sparsity(masks),
-                     # kept weights of the final masks that the first prune had kept too
-                     "final_kept_also_kept_by_first_prune": kept_both / max(1, kept_final)},
+        "sparsity": _sparsity_record(S, sparsity_pruned, sparsity_merged, masks, first.prune.masks),
         "steps_T": 1, "rank": rank, "rank_allocation": "uniform",
         **training_record(inputs, setup, adapters, total_updates),
         "loss_curve": losses, "train_loss_mean": (sum(losses) / len(losses)) if losses else None,
         "kept_weights_exactly_zero": kept_zero,
         "timings": {**timings, "total_s": time.perf_counter() - t_all},
         "zero_pattern_verified": True,
-        "rates": [float(r) for r in final.prune.block_rates], "ranks": ranks,
+        "rates": [float(r) for r in final.prune.block_rates], "ranks": [rank] * allocator.num_blocks,
         "files": [],
     }
+    return _result(inputs, final, masks, section)
+
+
+def _sparsity_record(target: float, after_prune: float, after_merge: float, masks: dict[str, Tensor],
+                     first_masks: dict[str, Tensor]) -> dict[str, float]:
+    kept_final = sum(int(m.sum()) for m in masks.values())
+    kept_both = sum(int((m & first_masks[n]).sum()) for n, m in masks.items())
+    return {"target": target, "after_prune": after_prune, "after_merge": after_merge,
+            "after_reprune": mean_sparsity(masks),
+            # kept weights of the final masks that the first prune had kept too
+            "final_kept_also_kept_by_first_prune": kept_both / max(1, kept_final)}
+
+
+def _result(inputs: MethodInputs, final: PassResult, masks: dict[str, Tensor],
+            section: dict[str, Any]) -> MethodResult:
     res = final.prune
     return MethodResult(
         masks=masks, targets=dict(res.targets), block_rates=[float(r) for r in res.block_rates],
         block_nm=list(res.block_nm), realised={n: 1.0 - float(m.float().mean()) for n, m in masks.items()},
-        patterns=dict(res.patterns), block_ranks=ranks,
+        patterns=dict(res.patterns), block_ranks=list(section["ranks"]),
         allocation={"method": f"{inputs.recipe.rates.allocation} ({VARIANT})"},
         timings={"losa_s": section["timings"]["total_s"]}, section=section)
 
