@@ -46,11 +46,6 @@ DEPRECATED_KEYS = {
 }
 
 
-def flag(name: str) -> str:
-    """The command-line flag of a setting (its name with dashes)."""
-    return "--" + name.replace("_", "-")
-
-
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
