@@ -311,8 +311,9 @@ class Recipe:
         p, alloc = self.prune.pattern, self.rates.allocation
         _need(p.kind != "nm" or alloc == "uniform", f"a fixed {p} pattern has one rate for every block; "
               f"use --pattern mixed:{p.m} for --allocation {alloc}")
-        _need(not self.adapters.resume or self.method == "losa", f"--resume applies to --method losa only: a "
-              f"{self.method} run is one shot, start it again")
+        # dense-lora trains like LoSA but keeps no state; one-shot methods ignore --resume (nothing to resume)
+        _need(not (self.adapters.resume and self.method == "dense-lora"),
+              "--resume applies to --method losa only: a dense-lora run is one shot, start it again")
         if self.trains_adapters:
             self.adapters.validate(one_shot=self.method == "dense-lora")
             _need(alloc in ADAPTER_ALLOCATIONS,
