@@ -157,14 +157,14 @@ def test_validation_errors(tmp_path, text_file, kw, msg):
         rec.validate()
 
 
-def test_step_atp_beta_capped_at_each_steps_legal_range():
+def test_atp_beta_capped_at_each_steps_legal_range():
     from losa_deploy.allocation import atp_beta_range
-    from losa_deploy.compress.rates import capped_atp_beta as step_atp_beta
+    from losa_deploy.compress.rates import capped_atp_beta
 
     # 30 blocks: at S_t = 0.7 the range is 0.3*2/29 = 0.02069 (beta 0.0118 passes unchanged); at S_t = 0.1 it is
     # 0.1*2/29 = 0.006897, so the same beta is capped just below that maximum.
-    assert step_atp_beta(0.0118, 30, 0.7) == 0.0118
-    capped = step_atp_beta(0.0118, 30, 0.1)
+    assert capped_atp_beta(0.0118, 30, 0.7) == 0.0118
+    capped = capped_atp_beta(0.0118, 30, 0.1)
     assert capped == pytest.approx(0.2 / 29) and capped < atp_beta_range(30, 0.1)[1]
 
 
