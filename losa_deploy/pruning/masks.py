@@ -33,11 +33,16 @@ def prune_count(sparsity: float, size: int) -> int:
     return int(math.floor(sparsity * size + _EPS))
 
 
-def _check_sparsity(sparsity: float) -> float:
+def check_sparsity(sparsity: float) -> float:
     s = float(sparsity)
     if not (0.0 <= s <= 1.0) or math.isnan(s):
         raise UserError(f"sparsity must be between 0 and 1 (got {sparsity}); e.g. 0.5 for 50%")
     return s
+
+
+def check_nm(n: int, m: int) -> None:
+    if m < 1 or not (0 <= n <= m):
+        raise UserError(f"invalid N:M pattern {n}:{m}: need 0 <= N <= M and M >= 1")
 
 
 @dataclass(frozen=True)
@@ -67,28 +72,34 @@ def parse_pattern(text: str) -> Pattern:
     raw = str(text)
     t = raw.strip().lower().replace(" ", "")
     hint = 'use "unstructured", "N:M" with N kept of every M (e.g. "2:4"), or "mixed:M" (e.g. "mixed:8")'
+
+    def bad(why: str = "") -> UserError:
+        if why:
+            return UserError(f"sparsity pattern {raw!r}: {why}; {hint}")
+        return UserError(f"unknown sparsity pattern {raw!r}: {hint}")
+
+    def number(part: str) -> int:
+        try:
+            return int(part)
+        except ValueError:
+            raise bad() from None
+
     if t == "unstructured":
         return Pattern("unstructured", 0, 0)
     parts = t.split(":")
     if len(parts) != 2:
-        raise UserError(f"unknown sparsity pattern {raw!r}: {hint}")
+        raise bad()
     a, b = parts
-    try:
-        m = int(b)
-    except ValueError:
-        raise UserError(f"unknown sparsity pattern {raw!r}: {hint}") from None
+    m = number(b)
     if m < 1:
-        raise UserError(f"sparsity pattern {raw!r}: M must be a positive integer; {hint}")
+        raise bad("M must be a positive integer")
     if a == "mixed":
         if m < 2:
             raise UserError(f"sparsity pattern {raw!r}: mixed N:M needs M >= 2 (e.g. \"mixed:8\")")
         return Pattern("mixed", 0, m)
-    try:
-        n = int(a)
-    except ValueError:
-        raise UserError(f"unknown sparsity pattern {raw!r}: {hint}") from None
+    n = number(a)
     if not 0 < n < m:
-        raise UserError(f"sparsity pattern {raw!r}: need 0 < N < M (N = kept weights of every M); {hint}")
+        raise bad("need 0 < N < M (N = kept weights of every M)")
     return Pattern("nm", n, m)
 
 
@@ -99,7 +110,7 @@ def unstructured_row_mask(scores: Tensor, sparsity: float) -> Tensor:
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
-    s = _check_sparsity(sparsity)
+    s = check_sparsity(sparsity)
     rows, cols = scores.shape
     k = prune_count(s, cols)
     mask = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
@@ -119,8 +130,7 @@ def nm_mask(scores: Tensor, n: int, m: int, *, name: str | None = None) -> Tenso
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
-    if m < 1 or not (0 <= n <= m):
-        raise UserError(f"invalid N:M pattern {n}:{m}: need 0 <= N <= M and M >= 1")
+    check_nm(n, m)
     rows, cols = scores.shape
     if cols % m != 0:
         who = f"layer {name} " if name else "a layer "
@@ -157,7 +167,7 @@ def mask_from_scores(
         return nm_mask(scores, pattern.n, pattern.m, name=name)
     if pattern.kind == "mixed":
         if n is None:
-            s = _check_sparsity(sparsity)
+            s = check_sparsity(sparsity)
             kept = (1.0 - s) * pattern.m
             n = int(round(kept))
             if abs(kept - n) > 1e-6:
@@ -262,7 +272,7 @@ def mixed_n_per_block(
     """
     L = len(rates)
     lo, hi = _mixed_bounds(L, m, min_n, max_n)
-    s = _check_sparsity(target_sparsity)
+    s = check_sparsity(target_sparsity)
     w = [1.0] * L if weights is None else [float(x) for x in weights]
     if len(w) != L or any(x <= 0 for x in w):
         raise ValueError("weights must be positive, one per block")

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .masks import prune_count, unstructured_row_mask
+from .masks import check_nm, check_sparsity, prune_count, unstructured_row_mask
 
 
 def _factor(H: Tensor, damp: float) -> Tensor | None:
@@ -130,16 +130,15 @@ def _check_args(weight: Tensor, hessian: Tensor, sparsity: float, n: int, m: int
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight inputs {cols}")
     if m > 0:
-        if not (0 <= n <= m):
-            raise UserError(f"invalid N:M pattern {n}:{m}: need 0 <= N <= M")
+        check_nm(n, m)
         if cols % m != 0:
             raise UserError(
                 f"layer{' ' + name if name else ''} with weight shape {rows}x{cols} cannot be pruned {n}:{m}: "
                 f"{cols} inputs are not a multiple of {m}; exclude it or pick an M that divides {cols}"
             )
         blocksize = max(m, (blocksize // m) * m)
-    elif not (0.0 <= float(sparsity) <= 1.0):
-        raise UserError(f"sparsity must be between 0 and 1 (got {sparsity})")
+    else:
+        check_sparsity(sparsity)
     if row_budget not in ("adaptive", "refresh", "even", "tile"):
         raise ValueError(f"row_budget must be 'adaptive', 'refresh', 'even' or 'tile', got {row_budget!r}")
     return blocksize
