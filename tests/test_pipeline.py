@@ -403,3 +403,18 @@ def test_sliding_window_blocks_get_their_own_mask():
     for i in range(4):
         expect = torch.cat([h[i] for h in hs])
         assert torch.allclose(seen[i], expect, atol=1e-5), i
+
+
+def test_one_name_per_setting_flag_profile_key_field(tmp_path):
+    """Every recipe setting is a `compress` option of the same name, and the manifest's recipe reads back as is."""
+    import inspect
+
+    from losa_deploy.cli.compress import compress
+    from losa_deploy.compress.recipe import setting_sections
+
+    params = set(inspect.signature(compress).parameters) - {"profile", "json_out"}
+    settings = set(setting_sections()) - {"blocksize", "percdamp", "atp_grid", "tune_samples"}  # profile-only
+    assert params == settings
+    r = Recipe.of(out=str(tmp_path / "o"), pattern="mixed:8", sparsity=0.75, rank_start=3, lora_dropout=0.0)
+    again = Recipe.from_settings(r.to_dict())
+    assert again == r and again.prune.pattern.kind == "mixed" and again.adapters.lora_dropout == 0.0
