@@ -2,8 +2,9 @@
 
 DeepSparse 1.8 aborts the whole process (a C++ assertion) on graphs it cannot compile, so the exporter compiles
 and runs here, in a child, and turns a crash into a clean error. SPEC: {"onnx", "config_dir", "prefill_len",
-"max_len", "threads", "prompt_ids", "new_tokens", "logits_npy"}. Prints one line `LOSA_PROBE {json}`: compile time, each engine's
-repr (with DeepSparse's fraction_of_supported_ops), the greedy tokens; the prompt's logits go to logits_npy.
+"max_len", "threads", "prompt_ids", "new_tokens", "logits_npy"}. Prints one line `LOSA_PROBE {json}`: compile time,
+each engine's repr (with DeepSparse's fraction_of_supported_ops), the greedy tokens; the prompt's logits go to
+logits_npy.
 """
 
 from __future__ import annotations

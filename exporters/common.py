@@ -40,7 +40,9 @@ def check_model_dir(model_dir: str | Path) -> Path:
     return p
 
 
-def load_source(model_dir: str | Path, dtype: str = "float32", attn_implementation: str | None = "eager") -> tuple[Any, Any]:
+def load_source(
+    model_dir: str | Path, dtype: str = "float32", attn_implementation: str | None = "eager"
+) -> tuple[Any, Any]:
     from losa_deploy.models import load_model
 
     return load_model(str(model_dir), dtype=dtype, device="cpu", attn_implementation=attn_implementation)
@@ -94,7 +96,9 @@ def map_initializers(onnx_model: Any, params: dict[str, np.ndarray], base_dir: P
             cands = [c for k, v in by_fp.items() if k[0] == shape_key for c in v]
         for iname, arr in cands:
             for transposed, view in ((False, arr), (True, arr.T)):
-                if view.shape == w.shape and np.allclose(view.astype(np.float32), w.astype(view.dtype).astype(np.float32), rtol=0, atol=0):
+                if view.shape == w.shape and np.allclose(
+                    view.astype(np.float32), w.astype(view.dtype).astype(np.float32), rtol=0, atol=0
+                ):
                     found[pname] = {"initializer": iname, "transposed": transposed, "array": view}
                     break
             if pname in found:

@@ -108,7 +108,8 @@ def export_compressed_tensors(model_dir: str | Path, out_dir: str | Path, *, ove
     if not plan["targets"]:
         raise UserError(f"'{src}' has no linear layer with at least {MIN_SPARSITY:.0%} zeros: nothing to compress "
                         "(compress it first, or ship it as a plain checkpoint)")
-    # every Linear except the listed dense ones (lm_head, layers under MIN_SPARSITY): short, and what llm-compressor writes
+    # every Linear except the listed dense ones (lm_head, layers under MIN_SPARSITY): short, and what llm-compressor
+    # writes
     cfg = SparsityCompressionConfig.load_from_registry(plan["format"], targets=["Linear"], ignore=plan["ignore"],
                                                        sparsity_structure=plan["sparsity_structure"],
                                                        global_sparsity=plan["global_sparsity"])

@@ -19,7 +19,14 @@ from losa_deploy.atomic import atomic_dir
 from losa_deploy.console import err
 from losa_deploy.graph_contract import io_names, kv_geometry
 
-from .common import base_manifest, check_model_dir, check_zero_patterns, copy_tokenizer_and_config, load_masks, load_source
+from .common import (
+    base_manifest,
+    check_model_dir,
+    check_zero_patterns,
+    copy_tokenizer_and_config,
+    load_masks,
+    load_source,
+)
 from .verify import LOGIT_ATOL_FP32, compare, prompt_ids, run_deepsparse_probe, torch_reference
 from .wrapper import WRAPPER_TYPES, check_wrapper_support, export_wrapper_onnx, rotary_table_limit
 
@@ -83,8 +90,10 @@ def export_deepsparse(model_dir: str | Path, out_dir: str | Path, *, prefill_len
             op_counts[n.op_type] = op_counts.get(n.op_type, 0) + 1
         del graph
         if not zeros["ok"]:
-            raise UserError(f"exported weights lost their zero pattern ({zeros['violations'][:1] or zeros['missing'][:3]}); "
-                            "this is a bug, please report it")
+            raise UserError(
+                f"exported weights lost their zero pattern ({zeros['violations'][:1] or zeros['missing'][:3]}); "
+                "this is a bug, please report it"
+            )
 
         err.print("[dim]verifying: onnxruntime vs PyTorch[/dim]")
         ids = prompt_ids(tok, prefill_len)
@@ -100,48 +109,72 @@ def export_deepsparse(model_dir: str | Path, out_dir: str | Path, *, prefill_len
             raise UserError(f"onnxruntime does not match PyTorch (max |dlogit| {ort_cmp['max_abs_logit_diff']:.2e}, "
                             f"tokens match: {ort_cmp['tokens_match']}); export not written")
 
-        err.print(f"[dim]verifying: DeepSparse compile + {verify_tokens} greedy tokens (child process, {threads} cores)[/dim]")
+        err.print(
+            f"[dim]verifying: DeepSparse compile + {verify_tokens} greedy tokens (child process, {threads} cores)[/dim]"
+        )
         probe, ds_logits = run_deepsparse_probe(tmp / "model.onnx", tmp, ids, prefill_len=prefill_len,
                                                 max_len=max_len, threads=threads, new_tokens=verify_tokens)
         ds_cmp = compare(ref_logits, ref_tokens, ds_logits, probe["tokens"], LOGIT_ATOL_FP32)
         if not ds_cmp["tokens_match"]:
-            raise UserError(f"DeepSparse greedy tokens differ from PyTorch at new token {ds_cmp['first_token_mismatch']} "
-                            f"(max |dlogit| {ds_cmp['max_abs_logit_diff']:.2e}); export not written")
+            raise UserError(
+                f"DeepSparse greedy tokens differ from PyTorch at new token {ds_cmp['first_token_mismatch']} "
+                f"(max |dlogit| {ds_cmp['max_abs_logit_diff']:.2e}); export not written"
+            )
 
         inputs, outputs = io_names(n_layers)
         sparse_layers = {k: v["onnx_sparsity"] for k, v in zeros["layers"].items()}
         manifest = base_manifest("deepsparse", src, mask_source)
-        manifest.update({
-            "files": {"model": "model.onnx", "weights": "model.data"},
-            "opset": opset, "dtype": "float32", "attention": "eager (explicit 4-D additive mask)",
-            "rotary_table_len": table_len,
-            "io": {"inputs": inputs, "outputs": outputs, "kv_layout": "batch, kv_heads, length, head_dim",
-                   "kv_heads": kv_heads, "head_dim": head_dim, "layers": n_layers},
-            "engines": {"prefill": {"seq": prefill_len, "past": max_len - prefill_len},
-                        "decode": {"seq": 1, "past": max_len - 1}, "max_len": max_len,
-                        "cache": "fixed length max_len, right-aligned; oldest slot drops each call"},
-            "onnx_ops": dict(sorted(op_counts.items(), key=lambda kv: -kv[1])),
-            "deepsparse": {
-                "compiled": True, "threads": threads, "compile_s_both_engines": round(probe["compile_s"], 3),
-                "fraction_of_supported_ops": {k: v.get("fraction_of_supported_ops") for k, v in probe["engines"].items()},
-                "engine_repr": {k: v["repr"] for k, v in probe["engines"].items()},
-                "sparse_layers_threshold": SPARSE_LAYER_THRESHOLD,
-                "sparse_layers": sorted(k for k, v in sparse_layers.items() if v >= SPARSE_LAYER_THRESHOLD),
-                "dense_layers": sorted(k for k, v in sparse_layers.items() if v < SPARSE_LAYER_THRESHOLD),
-                "note": "sparse_layers lists MatMul weights whose initializers are >= threshold zeros; DeepSparse "
-                        "picks its sparse kernels itself and does not report per-layer choices",
-            },
-            "verification": {
-                "prompt_tokens": int(ids.shape[1]),
-                "onnxruntime_vs_torch": {**ort_cmp, "seconds": round(ort_s, 3)},
-                "deepsparse_vs_torch": {**ds_cmp, "prefill_s": round(probe["prefill_s"], 4),
-                                        "decode_s": round(probe["decode_s"], 4)},
-                "zero_pattern": {k: zeros[k] for k in ("ok", "checked", "missing", "violations")},
-            },
-            "layer_sparsity": sparse_layers,
-            "timings": {"trace_s": round(export_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
-            "run": f"losa-deploy generate {out} --runtime deepsparse --prompt 'Hello'",
-        })
+        manifest.update(
+            {
+                "files": {"model": "model.onnx", "weights": "model.data"},
+                "opset": opset,
+                "dtype": "float32",
+                "attention": "eager (explicit 4-D additive mask)",
+                "rotary_table_len": table_len,
+                "io": {
+                    "inputs": inputs,
+                    "outputs": outputs,
+                    "kv_layout": "batch, kv_heads, length, head_dim",
+                    "kv_heads": kv_heads,
+                    "head_dim": head_dim,
+                    "layers": n_layers,
+                },
+                "engines": {
+                    "prefill": {"seq": prefill_len, "past": max_len - prefill_len},
+                    "decode": {"seq": 1, "past": max_len - 1},
+                    "max_len": max_len,
+                    "cache": "fixed length max_len, right-aligned; oldest slot drops each call",
+                },
+                "onnx_ops": dict(sorted(op_counts.items(), key=lambda kv: -kv[1])),
+                "deepsparse": {
+                    "compiled": True,
+                    "threads": threads,
+                    "compile_s_both_engines": round(probe["compile_s"], 3),
+                    "fraction_of_supported_ops": {
+                        k: v.get("fraction_of_supported_ops") for k, v in probe["engines"].items()
+                    },
+                    "engine_repr": {k: v["repr"] for k, v in probe["engines"].items()},
+                    "sparse_layers_threshold": SPARSE_LAYER_THRESHOLD,
+                    "sparse_layers": sorted(k for k, v in sparse_layers.items() if v >= SPARSE_LAYER_THRESHOLD),
+                    "dense_layers": sorted(k for k, v in sparse_layers.items() if v < SPARSE_LAYER_THRESHOLD),
+                    "note": "sparse_layers lists MatMul weights whose initializers are >= threshold zeros; DeepSparse "
+                    "picks its sparse kernels itself and does not report per-layer choices",
+                },
+                "verification": {
+                    "prompt_tokens": int(ids.shape[1]),
+                    "onnxruntime_vs_torch": {**ort_cmp, "seconds": round(ort_s, 3)},
+                    "deepsparse_vs_torch": {
+                        **ds_cmp,
+                        "prefill_s": round(probe["prefill_s"], 4),
+                        "decode_s": round(probe["decode_s"], 4),
+                    },
+                    "zero_pattern": {k: zeros[k] for k in ("ok", "checked", "missing", "violations")},
+                },
+                "layer_sparsity": sparse_layers,
+                "timings": {"trace_s": round(export_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
+                "run": f"losa-deploy generate {out} --runtime deepsparse --prompt 'Hello'",
+            }
+        )
         write_export_manifest(tmp, manifest)
     return manifest
 

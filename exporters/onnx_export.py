@@ -106,7 +106,9 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool =
             raise
         except (ValueError, KeyError, NotImplementedError) as e:
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"optimum cannot export '{src}' to ONNX ({msg}); this architecture is not supported for --format onnx")
+            raise UserError(
+                f"optimum cannot export '{src}' to ONNX ({msg}); this architecture is not supported for --format onnx"
+            )
         export_s = time.perf_counter() - t
         onnx_files = sorted(p.name for p in tmp.glob("*.onnx"))
         if "model.onnx" not in onnx_files:
@@ -132,8 +134,10 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool =
                 last = sess.decode(toks[-1])
         cmp = compare(ref_logits, ref_tokens, logits, toks, LOGIT_ATOL_FP32)
         if not (cmp["logits_ok"] and cmp["tokens_match"] and zeros["ok"]):
-            raise UserError(f"ONNX export failed verification (max |dlogit| {cmp['max_abs_logit_diff']:.2e} vs tol "
-                            f"{LOGIT_ATOL_FP32:g}, tokens match {cmp['tokens_match']}, zeros kept {zeros['ok']}); not written")
+            raise UserError(
+                f"ONNX export failed verification (max |dlogit| {cmp['max_abs_logit_diff']:.2e} vs tol "
+                f"{LOGIT_ATOL_FP32:g}, tokens match {cmp['tokens_match']}, zeros kept {zeros['ok']}); not written"
+            )
         man = base_manifest("onnx", src, mask_source)
         man.update({
             "exporter": "optimum.exporters.onnx.main_export", "task": "text-generation-with-past", "dtype": "float32",

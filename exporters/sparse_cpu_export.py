@@ -80,7 +80,14 @@ def export_sparse_cpu(model_dir: str | Path, out_dir: str | Path, *, overwrite: 
                       verify_tokens: int = VERIFY_TOKENS, min_sparsity: float = 0.2, atol: float = LOGIT_ATOL) -> dict:
     """Pack, verify against PyTorch, then write the export directory atomically (nothing on failure)."""
     from losa_deploy.runners import default_threads
-    from losa_deploy.sparse_cpu.runtime import (FORMAT, WEIGHTS_FILE, SparseCpuRunner, check_supported, packed_from_model, save_packed)
+    from losa_deploy.sparse_cpu.runtime import (
+        FORMAT,
+        WEIGHTS_FILE,
+        SparseCpuRunner,
+        check_supported,
+        packed_from_model,
+        save_packed,
+    )
 
     if prefill_len < 1 or max_len <= prefill_len:
         raise UserError(f"need 1 <= --prefill-len < --max-len (got {prefill_len}, {max_len})")

@@ -20,7 +20,15 @@ from losa_deploy.console import err
 from losa_deploy.graph_contract import io_names, kv_geometry
 from losa_deploy.errors import UserError
 
-from .common import base_manifest, check_model_dir, check_zero_patterns, copy_tokenizer_and_config, linear_weights, load_masks, load_source
+from .common import (
+    base_manifest,
+    check_model_dir,
+    check_zero_patterns,
+    copy_tokenizer_and_config,
+    linear_weights,
+    load_masks,
+    load_source,
+)
 from .verify import LOGIT_ATOL_FP16, compare, prompt_ids, torch_reference
 from .wrapper import export_wrapper_onnx, graph_parity_fp32
 
@@ -78,7 +86,12 @@ def trtexec_command(onnx_path: Path, engine_path: Path, config: Any, prefill_len
 
     def shapes(seq: int) -> str:
         past = max_len - seq
-        parts = [f"input_ids:1x{seq}", f"attention_mask:1x{max_len}", f"positions:1x{seq}", f"causal_mask:1x1x{seq}x{max_len}"]
+        parts = [
+            f"input_ids:1x{seq}",
+            f"attention_mask:1x{max_len}",
+            f"positions:1x{seq}",
+            f"causal_mask:1x1x{seq}x{max_len}",
+        ]
         for i in range(layers):
             parts += [f"past_key_values.{i}.key:1x{kv}x{past}x{hd}", f"past_key_values.{i}.value:1x{kv}x{past}x{hd}"]
         return ",".join(parts)
@@ -149,7 +162,9 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, *, force_2of4: b
         del g
         report = two_four_report({k: v.detach().float().numpy() for k, v in lin.items()}, skipped)
         if not zeros["ok"]:
-            raise UserError(f"fp16 export lost zero patterns ({zeros['violations'][:1] or zeros['missing'][:3]}); please report it")
+            raise UserError(
+                f"fp16 export lost zero patterns ({zeros['violations'][:1] or zeros['missing'][:3]}); please report it"
+            )
         verification: dict[str, Any] = {
             "zero_pattern": {k: zeros[k] for k in ("ok", "checked", "missing", "violations")},
             "graph_fp32_vs_torch": graph_fp32}
@@ -165,7 +180,9 @@ def export_tensorrt(model_dir: str | Path, out_dir: str | Path, *, force_2of4: b
                 toks.append(int(np.argmax(last)))
                 if i < 3:
                     last = r.decode(toks[-1]).astype(np.float32)
-            verification["onnxruntime_fp16_vs_torch_fp32"] = compare(ref_logits, ref_tokens, logits, toks, LOGIT_ATOL_FP16)
+            verification["onnxruntime_fp16_vs_torch_fp32"] = compare(
+                ref_logits, ref_tokens, logits, toks, LOGIT_ATOL_FP16
+            )
         except UserError:
             raise
         except Exception as e:  # ORT's CPU provider lacks some fp16 kernels; TensorRT is the real target

@@ -86,6 +86,8 @@ def run_deepsparse_probe(onnx_path: Path, config_dir: Path, ids: np.ndarray, *, 
             text = (r.stdout + "\n" + r.stderr)
             why = "an assertion in its graph compiler" if "Assertion at" in text else \
                 (text.strip().splitlines() or ["no output"])[-1][:200]
-            raise UserError(f"DeepSparse could not compile/run the exported graph (child exited {r.returncode}: {why}); "
-                            "the ONNX export itself is fine for onnxruntime: try --format onnx")
+            raise UserError(
+                f"DeepSparse could not compile/run the exported graph (child exited {r.returncode}: {why}); "
+                "the ONNX export itself is fine for onnxruntime: try --format onnx"
+            )
         return json.loads(line[len("LOSA_PROBE "):]), np.load(spec["logits_npy"])

@@ -88,3 +88,9 @@ def as_ids(ids: Any) -> np.ndarray:
     if a.ndim != 2 or a.shape[0] != 1 or a.shape[1] < 1:
         raise UserError(f"prefill expects token ids of shape [1, P] with P >= 1, got {list(a.shape)}")
     return a
+
+
+def check_prompt_fits(tokens: int, max_len: int) -> None:
+    """A prefill of `tokens` must leave at least one slot of `max_len` for the next token."""
+    if tokens > max_len - 1:
+        raise UserError(f"prompt of {tokens} tokens does not fit max_len={max_len}; use a larger --max-len")

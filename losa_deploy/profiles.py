@@ -69,3 +69,8 @@ def merge(profile_settings: dict[str, Any], cli_settings: dict[str, Any]) -> dic
     out = dict(profile_settings)
     out.update({k: v for k, v in cli_settings.items() if v is not None})
     return out
+
+
+def profile_descriptions() -> list[tuple[str, str]]:
+    """(name, description) of every profile found, in search order (what `profiles list` shows)."""
+    return [(name, str(load_profile(name).get("description", ""))) for name in list_profiles()]

@@ -4,6 +4,8 @@
   prefill(ids[1, P]) -> logits[1, P, V]   starts a new sequence (P <= max_len - 1; chunks of prefill_len internally)
   decode(token_id)   -> logits[V]         appends one token
   reset(), name, threads
+`open_generation(path, runtime)` adds the tokenizer and the export's shapes; `generate(runner, tokenizer, prompt)`
+decodes greedily through any Runner (what `losa-deploy generate` prints).
 
 "sparse-cpu" runs the packed export of `export --format sparse-cpu` on the C executor in losa_deploy/sparse_cpu
 (whole model per call, its own KV cache; prefill in chunks of prefill_len).
@@ -24,10 +26,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .artifact import EXPORT_MANIFEST_NAME, read_export_manifest
+from .artifact import EXPORT_MANIFEST_NAME, check_masks, read_export_manifest
 from .errors import UserError
 from .graph_contract import as_ids as _as_ids, default_threads  # noqa: F401 (default_threads: public here too)
-from .graph_contract import engine_shapes, kv_geometry, static_graph_copy
+from .graph_contract import check_prompt_fits, engine_shapes, kv_geometry, static_graph_copy
 
 RUNTIMES = ("torch", "onnxruntime", "deepsparse", "torch-2of4", "sparse-cpu")
 
@@ -86,7 +88,9 @@ class _FixedShapeKVRunner:
         new_valid = np.concatenate([self.valid[seq:], np.r_[np.zeros(pad, np.int64), np.ones(n, np.int64)]])
         attention_mask = new_valid[None].astype(np.int64)
         causal = np.tril(np.ones((seq, self.max_len), dtype=np.int64), k=past_len)[None, None]
-        feeds = [input_ids, attention_mask, positions, causal] + [np.ascontiguousarray(c[:, :, seq:, :]) for c in self.cache]
+        feeds = [input_ids, attention_mask, positions, causal] + [
+            np.ascontiguousarray(c[:, :, seq:, :]) for c in self.cache
+        ]
         outs = self._run(seq, feeds)
         self.cache = [np.ascontiguousarray(o) for o in outs[1:]]
         self.valid = new_valid
@@ -95,8 +99,7 @@ class _FixedShapeKVRunner:
 
     def prefill(self, ids: Any) -> np.ndarray:
         ids = _as_ids(ids)
-        if ids.shape[1] > self.max_len - 1:
-            raise UserError(f"prompt of {ids.shape[1]} tokens does not fit max_len={self.max_len}; use a larger --max-len")
+        check_prompt_fits(ids.shape[1], self.max_len)
         self.reset()
         outs = []
         for start in range(0, ids.shape[1], self.prefill_len):
@@ -139,8 +142,10 @@ class DeepSparseRunner(_FixedShapeKVRunner):
     def __init__(self, onnx_path: Path, config: Any, prefill_len: int, max_len: int, threads: int) -> None:
         self._deepsparse = require_deepsparse()
         self._tmp = tempfile.TemporaryDirectory(prefix="losa-ds-")
-        self._graphs = {seq: static_graph_copy(str(onnx_path), self._tmp.name, label, engine_shapes(config, seq, max_len))
-                        for seq, label in ((prefill_len, "prefill"), (1, "decode"))}
+        self._graphs = {
+            seq: static_graph_copy(str(onnx_path), self._tmp.name, label, engine_shapes(config, seq, max_len))
+            for seq, label in ((prefill_len, "prefill"), (1, "decode"))
+        }
         self.engines: dict[int, Any] = {}
         self._engine(prefill_len, threads)
         super().__init__(onnx_path, config, prefill_len, max_len, threads)
@@ -174,7 +179,9 @@ def require_deepsparse() -> Any:
 class TorchRunner:
     """The HF model in PyTorch with its own KV cache (eager reference for parity and the dense baseline)."""
 
-    def __init__(self, model: Any, name: str, prefill_len: int, max_len: int, threads: int, device: str = "cpu") -> None:
+    def __init__(
+        self, model: Any, name: str, prefill_len: int, max_len: int, threads: int, device: str = "cpu"
+    ) -> None:
         self.model = model
         self.name = name
         self.prefill_len = int(prefill_len)
@@ -201,8 +208,7 @@ class TorchRunner:
         import torch
 
         a = _as_ids(ids)
-        if a.shape[1] > self.max_len - 1:
-            raise UserError(f"prompt of {a.shape[1]} tokens does not fit max_len={self.max_len}; use a larger --max-len")
+        check_prompt_fits(a.shape[1], self.max_len)
         self.reset()
         return self._forward(torch.from_numpy(a))
 
@@ -293,7 +299,9 @@ def make_runner(path: str | os.PathLike, runtime: str, *, prefill_len: int = 128
         man = read_export_manifest(d)
         table = man.get("rotary_table_len")
         if table and max_len > table:
-            raise UserError(f"max_len={max_len} exceeds the export's position table ({table}); re-export with --max-len {max_len}")
+            raise UserError(
+                f"max_len={max_len} exceeds the export's position table ({table}); re-export with --max-len {max_len}"
+            )
         cls = OrtRunner if runtime == "onnxruntime" else DeepSparseRunner
         return cls(d / "model.onnx", cfg, prefill_len, max_len, threads)
     import torch
@@ -303,7 +311,9 @@ def make_runner(path: str | os.PathLike, runtime: str, *, prefill_len: int = 128
     hf = resolve_hf_dir(p)
     if runtime == "torch-2of4":
         if not (device.startswith("cuda") and torch.cuda.is_available()):
-            raise UserError("runtime torch-2of4 needs a CUDA GPU (sparse tensor cores): pass --device cuda on a GPU machine")
+            raise UserError(
+                "runtime torch-2of4 needs a CUDA GPU (sparse tensor cores): pass --device cuda on a GPU machine"
+            )
         model, _ = load_model(str(hf), dtype="float16", device=device)
         swapped = swap_2of4(model)
         if not swapped:
@@ -315,6 +325,41 @@ def make_runner(path: str | os.PathLike, runtime: str, *, prefill_len: int = 128
         torch.set_num_threads(threads)
     model, _ = load_model(str(hf), dtype="float32", device=device)
     return TorchRunner(model, "torch", prefill_len, max_len, threads, device)
+
+
+def open_generation(path: str | os.PathLike, runtime: str, *, prefill_len: int | None = None,
+                    max_len: int | None = None, threads: int | None = None, device: str = "cpu") -> tuple[Any, Any]:
+    """The Runner and the tokenizer for `generate` on the model (or export) at `path`.
+
+    An export's own shapes are the defaults (else 128 and 512); a checkpoint the torch runner loads must agree with
+    its masks first."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"'{path}' not found")
+    pl, ml = prefill_len, max_len
+    if runtime in ("onnxruntime", "deepsparse", "sparse-cpu"):
+        if runtime == "sparse-cpu":
+            from .sparse_cpu.runtime import resolve_export_dir
+
+            d = resolve_export_dir(p)
+        else:
+            d = resolve_onnx_dir(p)
+        eng = read_export_manifest(d).get("engines", {})  # the export's shapes are the defaults
+        pl = pl or eng.get("prefill", {}).get("seq", 128)
+        ml = ml or eng.get("max_len", 512)
+        tok_dir = d
+    else:
+        tok_dir = resolve_hf_dir(p)
+        check_masks(tok_dir)  # the checkpoint the torch runner loads must agree with its masks
+    pl, ml = pl or 128, ml or 512
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not load the tokenizer from '{tok_dir}': {first}")
+    return make_runner(p, runtime, prefill_len=pl, max_len=ml, threads=threads, device=device), tok
 
 
 def generate(runner: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32, *, stop_at_eos: bool = True) -> dict:

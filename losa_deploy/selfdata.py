@@ -15,7 +15,7 @@ from .models import cache_dir
 
 
 # Bumped whenever the sampler draws differently for the same seed, so a cache never mixes two samplers' text.
-SAMPLER_VERSION = 2
+SAMPLER_VERSION = 3
 
 
 def _cache_key(model: Any, nsamples: int, seqlen: int, seed: int) -> str:
@@ -52,12 +52,15 @@ def top_p_sample(probs: torch.Tensor, top_p: float, gen: torch.Generator, k: int
 
 @torch.no_grad()
 def generate_self_ids(
-    model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 64, top_p: float = 0.95
+    model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 128, top_p: float = 0.95
 ) -> torch.Tensor:
     """[nsamples, seqlen] token ids sampled from `model`. Cached per model, size and seed.
 
-    Wide batches: a decode step of a small model is bound by reading its weights, so 64 sequences per step cost
-    little more than 16; generating the LoSA profiles' training text dominated a fresh run's set-up at 16."""
+    Wide batches: a decode step of a small model is bound by reading its weights, so 128 sequences per step cost
+    little more than 16; generating the LoSA profiles' training text dominated a fresh run's set-up at 16.
+    bf16 autocast where the CPU computes bf16 natively: 1.4x the tokens per second of fp32 at 64 rows
+    (2026-12-02, Sapphire-Rapids-class VM, 340 -> 478 tok/s; 128 rows bf16: 516)."""
+    from .precision import autocast_ctx, bf16_autocast_supported
     from .progress import make_progress
 
     from .atomic import write_text  # noqa: F401  (cache write below uses torch.save to a temp then rename)
@@ -75,7 +78,8 @@ def generate_self_ids(
     vocab = model.config.vocab_size
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     out = []
-    with make_progress(transient=True) as progress:
+    use_bf16 = bf16_autocast_supported(str(device))
+    with make_progress(transient=True) as progress, autocast_ctx(str(device), use_bf16):
         task = progress.add_task("generating self-calibration text", total=nsamples)
         for b0 in range(0, nsamples, batch_size):
             bs = min(batch_size, nsamples - b0)

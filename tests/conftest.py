@@ -48,6 +48,22 @@ def text_file(tmp_path_factory) -> Path:
     return p
 
 
+@pytest.fixture(scope="module")
+def s70(tmp_path_factory) -> Path:
+    """A tiny Llama pruned to 70% unstructured, with its explicit masks (sparse_tiny.py); one per test module."""
+    from sparse_tiny import save_sparse_tiny
+
+    return save_sparse_tiny(tmp_path_factory.mktemp("s70") / "model", "70")
+
+
+@pytest.fixture(scope="module")
+def s24(tmp_path_factory) -> Path:
+    """A tiny Llama pruned to 2:4, saved without a masks file; one per test module."""
+    from sparse_tiny import save_sparse_tiny
+
+    return save_sparse_tiny(tmp_path_factory.mktemp("s24") / "model", "2:4", with_masks=False)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     # Keep the real GGUF cache (expensive to rebuild) but isolate self-data caches per test.

@@ -9,7 +9,6 @@ geometry)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -221,7 +220,7 @@ def test_bench_torch_each_arch(arch, compressed, dense_dirs, tmp_path, text_file
     the machine, not the architecture, and take seconds. ONNX Runtime / DeepSparse run the deepsparse export,
     which test_export_deepsparse verifies with the same runners."""
     import losa_deploy.bench.bounds as bounds
-    from losa_deploy.bench import BenchOptions, run_bench
+    from losa_deploy.bench.run import BenchOptions, run_bench
 
     monkeypatch.setattr(bounds, "measure_peak_flops", lambda threads: {"flops_per_s": 1e11, "method": "stub"})
     monkeypatch.setattr(bounds, "measure_bandwidth", lambda threads=None: {"bytes_per_s": 1e10, "method": "stub"})
@@ -242,7 +241,7 @@ def test_bench_onnx_runtimes(arch, compressed, dense_dirs, tmp_path, text_file, 
     """bench's CPU headline (DeepSparse sparse vs ONNX Runtime dense) on the deepsparse exports of both models."""
     pytest.importorskip("deepsparse")
     import losa_deploy.bench.bounds as bounds
-    from losa_deploy.bench import BenchOptions, run_bench
+    from losa_deploy.bench.run import BenchOptions, run_bench
 
     monkeypatch.setattr(bounds, "measure_peak_flops", lambda threads: {"flops_per_s": 1e11, "method": "stub"})
     monkeypatch.setattr(bounds, "measure_bandwidth", lambda threads=None: {"bytes_per_s": 1e10, "method": "stub"})
@@ -257,17 +256,9 @@ def test_bench_onnx_runtimes(arch, compressed, dense_dirs, tmp_path, text_file, 
 
 # --------------------------------------------------------------------------------------- what is refused
 def _cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
-    from losa_deploy.cli import main
+    from tiny import run_cli
 
-    monkeypatch.setattr(sys, "argv", ["losa-deploy", *args])
-    capsys.readouterr()
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    o = capsys.readouterr()
-    return code, o.out + o.err
+    return run_cli(monkeypatch, capsys, *args)
 
 
 def test_conv1d_blocks_refused_by_every_command(tmp_path, capsys, monkeypatch):
@@ -310,7 +301,7 @@ def test_kv_graph_refusals(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_skips_kv_runtimes_for_an_arch_without_the_graph(tmp_path):
-    from losa_deploy.bench import onnx_runtimes_for
+    from losa_deploy.bench.run import onnx_runtimes_for
 
     skipped: dict[str, str] = {}
     run = onnx_runtimes_for(tiny_config("opt"), ["torch", "onnxruntime", "deepsparse"], skipped, explicit=False)

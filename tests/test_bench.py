@@ -12,14 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from losa_deploy.bench import BenchOptions, check_same_architecture, parse_int_list, parse_runtimes, run_bench, select_runtimes
 from losa_deploy.bench import bounds as B
 from losa_deploy.bench import report as R
 from losa_deploy.bench.latency import LatencySettings, bench_phases, speedup
+from losa_deploy.bench.run import (BenchOptions, check_same_architecture, parse_int_list, parse_runtimes, run_bench,
+                                   select_runtimes)
 from losa_deploy.bench.timing import PeakMemory, measure, percentile, summarize
 from losa_deploy.errors import UserError
 
-HAS_RUNNERS = importlib.util.find_spec("losa_deploy.runners") is not None and importlib.util.find_spec("exporters.deepsparse_export") is not None
+HAS_RUNNERS = (importlib.util.find_spec("losa_deploy.runners") is not None
+               and importlib.util.find_spec("exporters.deepsparse_export") is not None)
 HAS_DS = importlib.util.find_spec("deepsparse") is not None
 
 
@@ -154,7 +156,8 @@ def test_bench_sides_interleaves_runners_and_isolates_failures():
             return R(name, p, L)
         return fac
 
-    sides = [Side("a", "dense", make("a")), Side("b", "sparse", make("b"), build_first=True), Side("c", "sparse", broken)]
+    sides = [Side("a", "dense", make("a")), Side("b", "sparse", make("b"), build_first=True),
+             Side("c", "sparse", broken)]
     s = LatencySettings(prompt_lens=(4,), decode_past=3, decode_tokens=2, gen_tokens=0, warmup=1, repeats=2)
     res = bench_sides(sides, s, vocab_size=7)
     assert res["c/sparse"] == {"status": "error", "note": "RuntimeError: no such engine"}
@@ -188,9 +191,11 @@ def _suite(name="model", sparsity=0.7):
     return {
         "name": name, "description": "test",
         "runtimes": {
-            "onnxruntime": {"status": "ok", "dense": {"phases": {"prefill_128": _phase(0.30, 128), "decode": _phase(0.64, 64)}},
+            "onnxruntime": {"status": "ok",
+                            "dense": {"phases": {"prefill_128": _phase(0.30, 128), "decode": _phase(0.64, 64)}},
                             "sparse": {"phases": {"prefill_128": _phase(0.29, 128), "decode": _phase(0.60, 64)}}},
-            "deepsparse": {"status": "ok", "dense": {"phases": {"prefill_128": _phase(0.25, 128), "decode": _phase(0.50, 64)}},
+            "deepsparse": {"status": "ok",
+                           "dense": {"phases": {"prefill_128": _phase(0.25, 128), "decode": _phase(0.50, 64)}},
                            "sparse": {"phases": {"prefill_128": _phase(0.10, 128), "decode": _phase(0.32, 64)}}},
             "torch-cuda / torch-2of4": {"status": "skipped", "note": "no CUDA GPU"},
         },
@@ -396,7 +401,8 @@ def _report(tmp_path, sparsity=0.7, name="r70"):
     rep["models"] = {"sparse": {"path": "x", "sparsity": sparsity, "model_type": "llama", "layers": 4, "hidden": 64}}
     rep["suites"].append(R.finalize_suite(_suite(sparsity=sparsity)))
     rep["accuracy"] = {"perplexity": {"seqlen": 128, "dense": {"perplexity": 20.0}, "sparse": {"perplexity": 31.5}},
-                       "zeroshot": {"dense": {"tasks": {"piqa": {"acc": 0.6}}}, "sparse": {"tasks": {"piqa": {"acc": 0.55}}}}}
+                       "zeroshot": {"dense": {"tasks": {"piqa": {"acc": 0.6}}},
+                                    "sparse": {"tasks": {"piqa": {"acc": 0.55}}}}}
     out = tmp_path / name
     paths = R.write_report(rep, out, [0.6, 0.7, 0.8])
     return rep, out, paths
@@ -411,7 +417,8 @@ def test_report_schema_round_trip(tmp_path):
         assert key in back["hardware"]
     assert back["versions"]["torch"]
     md = (out / "report.md").read_text()
-    assert "3.00x" in md and "perplexity" in md and "31.500" in md and "deepsparse vs onnxruntime dense (headline)" in md
+    assert "3.00x" in md and "perplexity" in md and "31.500" in md
+    assert "deepsparse vs onnxruntime dense (headline)" in md
     assert (out / "plots" / "speedup.png").stat().st_size > 1000
     assert (out / "plots" / "block_sparsity.png").stat().st_size > 1000
     assert not list(out.rglob("*.tmp*"))
@@ -427,7 +434,8 @@ def test_report_schema_round_trip(tmp_path):
 def test_compare_mode_cli(tmp_path):
     _report(tmp_path, 0.5, "r50")
     _report(tmp_path, 0.7, "r70")
-    r = cli("bench", "--compare", str(tmp_path / "r50" / "report.json"), "--compare", str(tmp_path / "r70"), "--out", str(tmp_path / "cmp"))
+    r = cli("bench", "--compare", str(tmp_path / "r50" / "report.json"), "--compare", str(tmp_path / "r70"),
+            "--out", str(tmp_path / "cmp"))
     assert r.returncode == 0, r.stderr
     cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert cmp["schema"] == R.COMPARE_SCHEMA and [row["report"] for row in cmp["rows"]] == ["r50", "r70"]
@@ -472,7 +480,7 @@ def test_option_parsing_errors():
     with pytest.raises(UserError, match="unknown runtime"):
         parse_runtimes("onnxruntime,tensorflow")
     assert parse_runtimes("onnxruntime,onnxruntime") == ["onnxruntime"]
-    from losa_deploy.bench import split_variants
+    from losa_deploy.bench.run import split_variants
 
     rts = parse_runtimes("onnxruntime:dense,sparse-cpu,deepsparse:sparse,deepsparse:dense")
     assert split_variants(rts) == (["onnxruntime", "sparse-cpu", "deepsparse"],
@@ -498,7 +506,7 @@ def test_memory_check_for_interleaved_runners(tmp_path, monkeypatch):
     """All runners of a shape are alive together: their weights must fit in the available memory, else a UserError."""
     import psutil
 
-    from losa_deploy.bench import check_memory, side_bytes
+    from losa_deploy.bench.run import check_memory, side_bytes
 
     a, b = tmp_path / "a", tmp_path / "b"
     for d, n in ((a, 3000), (b, 1000)):
@@ -537,7 +545,8 @@ def test_shape_pair_builder(tmp_path, monkeypatch):
     kept = masks["model.layers.0.mlp.up_proj.weight"].bool()
     dw = d["model.layers.0.mlp.up_proj.weight"]
     # magnitude per row: every kept weight is at least as large as every pruned one in its row
-    assert (dw.abs().masked_fill(~kept, float("inf")).min(1).values >= dw.abs().masked_fill(kept, 0).max(1).values).all()
+    smallest_kept = dw.abs().masked_fill(~kept, float("inf")).min(1).values
+    assert (smallest_kept >= dw.abs().masked_fill(kept, 0).max(1).values).all()
     assert (s["lm_head.weight"] != 0).all()  # lm_head dense
     got = shapes.linear_rates_from_model(tmp_path / "s" / "sparse")
     assert got["mlp.down_proj"] == pytest.approx(0.75) and got["self_attn.k_proj"] == pytest.approx(0.5)
@@ -592,7 +601,8 @@ def test_bench_tiny_exported_model(tiny_pair, tmp_path, text_file):
     out = tmp_path / "bench"
     r = cli("bench", str(sparse), "--baseline", str(dense), "--out", str(out), "--runtimes", rts, "--threads", "1",
             "--prompt-lens", "16,32", "--decode-past", "16", "--decode-tokens", "4", "--gen-tokens", "4",
-            "--warmup", "1", "--repeats", "2", "--ppl-data", str(text_file), "--ppl-seqlen", "64", "--ppl-max-tokens", "256")
+            "--warmup", "1", "--repeats", "2", "--ppl-data", str(text_file), "--ppl-seqlen", "64",
+            "--ppl-max-tokens", "256")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"report: {out / 'report.json'}" in r.stdout.replace("\n", "")
     rep = R.load_report(out)
@@ -623,7 +633,8 @@ HAS_SPARSE_CPU = importlib.util.find_spec("losa_deploy.sparse_cpu.runtime") is n
 def test_bench_tiny_sparse_cpu(tiny_pair, tmp_path, monkeypatch):
     """sparse-cpu end to end on a tiny pair: exports, interleaved sides, headline vs the fastest dense side, its
     packed-format bound and the per-linear kernel timing. Machine probes are stubbed (they are not under test)."""
-    from losa_deploy.bench import kernels, sparse_cpu_available
+    from losa_deploy.bench import kernels
+    from losa_deploy.bench.run import sparse_cpu_available
 
     ok, why = sparse_cpu_available()
     if not ok:

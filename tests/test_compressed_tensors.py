@@ -19,20 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def s70(tmp_path_factory) -> Path:
-    from sparse_tiny import save_sparse_tiny
-
-    return save_sparse_tiny(tmp_path_factory.mktemp("s70") / "model", "70")
-
-
-@pytest.fixture(scope="module")
-def s24(tmp_path_factory) -> Path:
-    from sparse_tiny import save_sparse_tiny
-
-    return save_sparse_tiny(tmp_path_factory.mktemp("s24") / "model", "2:4", with_masks=False)
-
-
-@pytest.fixture(scope="module")
 def exports(s70, s24, tmp_path_factory) -> dict[str, tuple[Path, Path, dict]]:
     from exporters.compressed_tensors_export import export_compressed_tensors
 

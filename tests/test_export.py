@@ -16,20 +16,6 @@ from losa_deploy.errors import UserError
 PL, ML = 16, 64
 
 
-@pytest.fixture(scope="module")
-def s70(tmp_path_factory) -> Path:
-    from sparse_tiny import save_sparse_tiny
-
-    return save_sparse_tiny(tmp_path_factory.mktemp("s70") / "model", "70")
-
-
-@pytest.fixture(scope="module")
-def s24(tmp_path_factory) -> Path:
-    from sparse_tiny import save_sparse_tiny
-
-    return save_sparse_tiny(tmp_path_factory.mktemp("s24") / "model", "2:4", with_masks=False)
-
-
 # ------------------------------------------------------------------------------------------- 2:4 checker (pure)
 def test_check_2of4_hand_made_weights():
     from exporters.tensorrt_export import check_2of4, two_four_report
@@ -179,17 +165,9 @@ class _Result:
 
 def _cli(args, capsys, monkeypatch) -> _Result:
     """Run the real entry point (losa_deploy.cli.main, which turns UserError into `error: ...`)."""
-    from losa_deploy.cli import main
+    from tiny import run_cli
 
-    monkeypatch.setattr("sys.argv", ["losa-deploy", *args])
-    capsys.readouterr()
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    o = capsys.readouterr()
-    return _Result(code, o.out + o.err)
+    return _Result(*run_cli(monkeypatch, capsys, *args))
 
 
 def test_cli_errors_are_one_line(s70, tmp_path, capsys, monkeypatch):

@@ -469,6 +469,8 @@ def test_messages_use_the_names_users_write(tmp_path, monkeypatch, capsys):
     assert Recipe.from_settings({"lora_dropout": 0.0, "dropout": 0.0}).adapters.lora_dropout == 0.0
     with pytest.raises(UserError, match="--lora-dropout must be in"):
         Recipe.of(out="x", method="losa", lora_dropout=1.5).validate()
+    with pytest.raises(UserError, match="unknown --lr-schedule 'cosine'"):
+        Recipe.from_settings({"out": str(tmp_path / "o2"), "method": "losa", "lr_schedule": "cosine"}).validate()
     prof = tmp_path / "p.toml"
     prof.write_text("[compress]\nmethod = \"losa\"\nrank_min = 3\n")
     code, o, e = _main(monkeypatch, capsys, "compress", "--profile", str(prof), "--out", str(tmp_path / "o"))

@@ -147,7 +147,8 @@ def test_cli_errors_are_one_line(tiny_dir, tmp_path):
 
 def test_cli_evaluate_json(tiny_dir, text_file, tmp_path):
     out = tmp_path / "ppl.json"
-    r = cli("evaluate", str(tiny_dir), "--data", str(text_file), "--seqlen", "64", "--max-tokens", "256", "--json", str(out))
+    r = cli("evaluate", str(tiny_dir), "--data", str(text_file), "--seqlen", "64", "--max-tokens", "256",
+            "--json", str(out))
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
     assert d["seqlen"] == 64 and d["windows"] == 4 and d["perplexity"] > 1
@@ -159,7 +160,26 @@ def test_real_model_perplexity_prefix(shared_data):
     from losa_deploy.evaluation.perplexity import evaluate_perplexity
 
     m, tok = load_model("smollm2-135m")
-    r = evaluate_perplexity(m, tok, str(shared_data / "wikitext-2-raw" / "wiki.test.raw"), 2048, max_tokens=4096, progress=False)
+    r = evaluate_perplexity(m, tok, str(shared_data / "wikitext-2-raw" / "wiki.test.raw"), 2048, max_tokens=4096,
+                            progress=False)
     assert r.tokens_total == 304987
     assert r.windows == 2
     assert 10 < r.perplexity < 40
+
+
+def test_losa_calibration_is_the_first_self_training_sequences(tiny_dir, tmp_path, monkeypatch):
+    """LoSA on self text calibrates on its first training sequences: one generation, not two."""
+    from losa_deploy.compress import Recipe
+    from losa_deploy.compress.calibration import calibration_windows, shares_self_text
+    from losa_deploy.compress.losa.train import build_train_samples
+
+    monkeypatch.setenv("LOSA_DEPLOY_CACHE", str(tmp_path))
+    m, tok = load_model(str(tiny_dir))
+    r = Recipe.of(out=str(tmp_path / "o"), method="losa", nsamples=2, seqlen=16, train_samples=5, train_seqlen=16,
+                  seed=3)
+    assert shares_self_text(r)
+    calib = calibration_windows(m, tok, r)
+    train = build_train_samples(tok, "self", 5, 16, 3, model=m)
+    assert calib.shape == (2, 16) and all(torch.equal(calib[i], train[i].input_ids) for i in range(2))
+    for other in ({"train_seqlen": 32}, {"nsamples": 6}, {"method": "wanda"}, {"calib_data": "wikitext2"}):
+        assert not shares_self_text(Recipe.of(**{**r.to_dict(), **other}))

@@ -180,3 +180,25 @@ def test_split_slices_disjoint():
     assert sl == [(0, 4), (4, 7), (7, 10)]
     covered = [i for a, b in sl for i in range(a, b)]
     assert covered == list(range(10))
+
+
+def _lr_factors(total: int, **kw) -> list[float]:
+    from losa_deploy.compress.losa.train import make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt, sched = make_optimizer([p], 1.0, total, **kw)
+    out = []
+    for _ in range(total):
+        out.append(round(opt.param_groups[0]["lr"], 6))
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_lr_schedules_hand_values():
+    """10 updates, warmup 0.3 -> 3 warmup updates (1/3, 2/3, 1). linear: decay over the other 7 from the peak;
+    wsd with the last step's 4 updates: hold the peak until update 6, then 4/4, 3/4, 2/4, 1/4."""
+    third = round(1 / 3, 6)
+    assert _lr_factors(10) == [third, round(2 / 3, 6), 1.0] + [round(x / 7, 6) for x in range(7, 0, -1)]
+    assert _lr_factors(10, decay_from=6) == [third, round(2 / 3, 6), 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert _lr_factors(10, decay_from=1) == _lr_factors(10)  # a decay cannot start inside the warmup

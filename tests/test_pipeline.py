@@ -418,3 +418,24 @@ def test_one_name_per_setting_flag_profile_key_field(tmp_path):
     r = Recipe.of(out=str(tmp_path / "o"), pattern="mixed:8", sparsity=0.75, rank_start=3, lora_dropout=0.0)
     again = Recipe.from_settings(r.to_dict())
     assert again == r and again.prune.pattern.kind == "mixed" and again.adapters.lora_dropout == 0.0
+
+
+def test_cached_dense_reference_gives_the_same_recon_errors():
+    """LoSA prunes T times against the same dense reference: the cached outputs must equal recomputed ones."""
+    dense = tiny_model("llama")
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    cache: dict = {}
+    spec = PruneSpec("wanda", parse_pattern("unstructured"))
+    first = prune_sequential(tiny_model("llama"), _ids(), spec, [0.5] * 4, dense_state=state, progress=False,
+                             dense_outputs=cache)
+    assert sorted(cache) == [0, 1, 2, 3]
+    for rate in (0.5, 0.7):
+        plain = prune_sequential(tiny_model("llama"), _ids(), spec, [rate] * 4, dense_state=state, progress=False)
+        cached = prune_sequential(tiny_model("llama"), _ids(), spec, [rate] * 4, dense_state=state, progress=False,
+                                  dense_outputs=cache)
+        assert cached.recon_error == plain.recon_error
+        for k in plain.masks:
+            assert torch.equal(cached.masks[k], plain.masks[k])
+    assert first.recon_error == prune_sequential(
+        tiny_model("llama"), _ids(), PruneSpec("wanda", parse_pattern("unstructured")), [0.5] * 4, dense_state=state,
+        progress=False).recon_error

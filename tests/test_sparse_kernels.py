@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from losa_deploy.errors import UserError
-from losa_deploy.sparse_cpu import _lib, build
+from losa_deploy.sparse_cpu import _lib, toolchain
 from losa_deploy.sparse_cpu.pack import check_nm, keep_mask, pack, pack_bitmask, pack_nm, unpack
 
 ISAS = list(_lib.ISAS)
@@ -228,14 +228,14 @@ def test_build_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("LOSA_DEPLOY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", "no-such-compiler-xyz")
     with pytest.raises(UserError, match="no C compiler"):
-        build.build()
+        toolchain.build()
     monkeypatch.delenv("CC")
     src = tmp_path / "csrc"
     src.mkdir()
     (src / "broken.c").write_text("int f(void) { return nope; }\n")
-    monkeypatch.setattr(build, "CSRC", src)
+    monkeypatch.setattr(toolchain, "CSRC", src)
     with pytest.raises(UserError, match="building the sparse-cpu kernels failed") as e:
-        build.build()
+        toolchain.build()
     assert "\n" not in str(e.value)
     assert not list((tmp_path / "cache").rglob("*.so"))
 
@@ -245,13 +245,13 @@ def test_build_is_cached_and_keyed_on_sources(tmp_path, monkeypatch):
     src = tmp_path / "csrc"
     src.mkdir()
     (src / "a.c").write_text("int f(void) { return 1; }\n")
-    monkeypatch.setattr(build, "CSRC", src)
-    first = build.build()
+    monkeypatch.setattr(toolchain, "CSRC", src)
+    first = toolchain.build()
     assert first.is_file() and first.parent.parent == tmp_path / "sparse-cpu"
     mtime = first.stat().st_mtime_ns
-    assert build.build() == first and first.stat().st_mtime_ns == mtime
+    assert toolchain.build() == first and first.stat().st_mtime_ns == mtime
     (src / "a.c").write_text("int f(void) { return 2; }\n")
-    assert build.build() != first
+    assert toolchain.build() != first
 
 
 def test_sequence_runs_each_matrix_like_single_calls():
@@ -290,3 +290,13 @@ def test_parallel_runs_every_part_once():
         seen.clear()
         lib.sp_parallel(cb, None, 37)
         assert sorted(seen) == list(range(37))
+
+
+def test_build_entry_reports_the_loaded_library(capsys):
+    """`python -m losa_deploy.sparse_cpu.build` (what `make setup` runs): the library path, then what it offers."""
+    from losa_deploy.sparse_cpu import build
+
+    assert build.main([]) == 0
+    path, facts = capsys.readouterr().out.splitlines()
+    assert path == str(toolchain.library_path()) and Path(path).is_file()
+    assert f"selected: {_lib.get_isa()}" in facts and ", ".join(_lib.available_isas()) in facts

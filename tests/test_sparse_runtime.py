@@ -8,7 +8,6 @@ One integration test packs the real model (magnitude 70% with explicit masks) an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,13 +138,6 @@ def test_unsupported_models_one_line_error(arch, kw, match):
 
 
 # -------------------------------------------------------------------------------------------------- export
-@pytest.fixture(scope="module")
-def s70(tmp_path_factory) -> Path:
-    from sparse_tiny import save_sparse_tiny
-
-    return save_sparse_tiny(tmp_path_factory.mktemp("s70") / "model", "70")
-
-
 def test_export_round_trip(s70, tmp_path, one_thread):
     from transformers import AutoModelForCausalLM
 
@@ -212,17 +204,9 @@ def test_export_without_masks_packs_dense(tmp_path, one_thread):
 
 # ----------------------------------------------------------------------------------------------------- CLI
 def _cli(args, capsys, monkeypatch) -> tuple[int, str]:
-    from losa_deploy.cli import main
+    from tiny import run_cli
 
-    monkeypatch.setattr("sys.argv", ["losa-deploy", *args])
-    capsys.readouterr()
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    o = capsys.readouterr()
-    return code, o.out + o.err
+    return run_cli(monkeypatch, capsys, *args)
 
 
 def test_cli_export_and_generate(tmp_path, capsys, monkeypatch, one_thread):

@@ -25,10 +25,12 @@ PIQA = [
 PIQA_LABELS = "0\n1\n0\n0\n"
 
 ARC = [
-    {"id": "a1", "question": {"stem": "Which is a gas?", "choices": [{"text": "ice", "label": "A"}, {"text": "steam", "label": "B"},
-                                                                      {"text": "rock", "label": "C"}]}, "answerKey": "B"},
+    {"id": "a1", "question": {"stem": "Which is a gas?",
+                              "choices": [{"text": "ice", "label": "A"}, {"text": "steam", "label": "B"},
+                                          {"text": "rock", "label": "C"}]}, "answerKey": "B"},
     {"id": "a2", "question": {"stem": "2+2?", "choices": [{"text": "3", "label": "1"}, {"text": "4", "label": "2"},
-                                                          {"text": "5", "label": "3"}, {"text": "22", "label": "4"}]}, "answerKey": "2"},
+                                                          {"text": "5", "label": "3"}, {"text": "22", "label": "4"}]},
+     "answerKey": "2"},
 ]
 
 BOOLQ = [
@@ -73,7 +75,8 @@ WINOGRANDE = [
 OBQA = [
     {"id": "7-980", "question": {"stem": "The sun is responsible for",
                                  "choices": [{"text": "puppies learning new tricks", "label": "A"},
-                                             {"text": "plants sprouting, blooming and wilting", "label": "B"}]}, "answerKey": "B"},
+                                             {"text": "plants sprouting, blooming and wilting", "label": "B"}]},
+     "answerKey": "B"},
 ]
 
 RTE_TSV = ("index\tsentence1\tsentence2\tlabel\n"
@@ -269,21 +272,24 @@ def test_shipped_configs_render_the_harness_prompts(files, tmp_path):
     assert text == "Roof shingle removal: A man is sitting on a roof. He"  # the harness capitalises ctx_b
     assert ch[3] == "starts pulling up roofing on a roof." and tgt == 3
     doc = list(task.test_docs())[1]
-    assert task.doc_to_text(doc) == "Health: How to use aromatherapy for depression. Know what oils help with which symptoms. Basil works against fatigue."
+    assert task.doc_to_text(doc) == ("Health: How to use aromatherapy for depression. Know what oils help with which "
+                                     "symptoms. Basil works against fatigue.")
     assert task.doc_to_choice(doc)[1] == "Eat a. sandwich."  # harness preprocess: " [title]" -> ". "
 
     # WinoGrande partial evaluation: the gold option index as "text", option-filled prefixes as choices,
     # the shared continuation after the blank as the target
     _, _, text, ch, tgt = first("winogrande")
     assert text == 0
-    assert ch == ["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"]
+    assert ch == ["Sarah was a much better surgeon than Maria so Sarah",
+                  "Sarah was a much better surgeon than Maria so Maria"]
     assert tgt == "always got the harder cases."
 
     _, _, text, ch, tgt = first("openbookqa")
     assert text == "The sun is responsible for" and tgt == 1
 
     _, _, text, ch, tgt = first("rte")
-    assert text == "Dana Reeve, the widow of the actor, died at 44.\nQuestion: Christopher Reeve had an accident. True or False?\nAnswer:"
+    assert text == ("Dana Reeve, the widow of the actor, died at 44.\n"
+                    "Question: Christopher Reeve had an accident. True or False?\nAnswer:")
     assert ch == ["True", "False"] and tgt == 1
 
 
@@ -317,7 +323,8 @@ def test_evaluate_zeroshot_tiny_model_matches_independent_loglikelihoods(files):
     # independent scoring of the same 3 items of each task
     from lm_eval.tasks.hellaswag.utils import preprocess
 
-    piqa = [(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], r["label"]) for r in L.load_piqa(files["piqa"], 3)]
+    piqa = [(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], r["label"])
+            for r in L.load_piqa(files["piqa"], 3)]
     hs = []
     for r in L.load_hellaswag(files["hellaswag"], 3):
         q = preprocess(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize())
@@ -341,8 +348,8 @@ def test_evaluate_zeroshot_winogrande_rte_openbookqa_tiny(files):
 
     from losa_deploy.evaluation.zeroshot import evaluate_zeroshot
 
-    res = evaluate_zeroshot(tiny_model(), byte_tokenizer(), {k: str(files[k]) for k in ("winogrande", "rte", "openbookqa")},
-                            limit=4, progress=False)
+    tasks = {k: str(files[k]) for k in ("winogrande", "rte", "openbookqa")}
+    res = evaluate_zeroshot(tiny_model(), byte_tokenizer(), tasks, limit=4, progress=False)
     assert {k: v["n"] for k, v in res["tasks"].items()} == {"winogrande": 2, "rte": 2, "openbookqa": 1}
     assert "acc_norm" not in res["tasks"]["rte"] and "acc_norm" in res["tasks"]["openbookqa"]
 
@@ -367,7 +374,8 @@ def test_cli_evaluate_tasks_only_skips_perplexity(files, tiny_dir, tmp_path):
 
     out = tmp_path / "zs.json"
     r = CliRunner().invoke(app, ["evaluate", str(tiny_dir), "--task-data", f"piqa={files['piqa']}",
-                                 "--task-data", f"rte={files['rte']}", "--limit", "2", "--batch-size", "2", "--json", str(out)])
+                                 "--task-data", f"rte={files['rte']}", "--limit", "2", "--batch-size", "2",
+                                 "--json", str(out)])
     assert r.exit_code == 0, r.output
     d = json.loads(out.read_text())
     assert "perplexity" not in d

@@ -95,3 +95,19 @@ def save_tiny(path: Path, arch: str = "llama", seed: int = 0, **kw: Any) -> Path
     m.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+def run_cli(monkeypatch: Any, capsys: Any, *args: str) -> tuple[int, str]:
+    """The real entry point in-process (losa_deploy.cli.main turns a UserError into `error: ...` and an exit code):
+    the exit code and everything printed to stdout and stderr."""
+    from losa_deploy.cli import main
+
+    monkeypatch.setattr("sys.argv", ["losa-deploy", *args])
+    capsys.readouterr()
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    o = capsys.readouterr()
+    return code, o.out + o.err

@@ -3,9 +3,9 @@
 - Prefill is compute-bound: bound = FLOPs / peak FLOP/s, peak measured here with a dense fp32 matmul. For the sparse
   model the FLOPs count only non-zero weights (what an ideal sparse kernel does).
 - Decode (batch 1) is memory-bound: every step reads every weight once. bound = bytes / bandwidth, bandwidth measured
-  here with a large numpy copy (read + write counted). Dense weights cost 4 B/param (fp32); sparse weights are counted as
-  a bitmask (1 bit/param) + the non-zero values (4 B each), the smallest plain sparse encoding; a tensor is never
-  counted larger than dense. The KV-cache read per step is added to both.
+  here with a large numpy copy (read + write counted). Dense weights cost 4 B/param (fp32); sparse weights are
+  counted as a bitmask (1 bit/param) + the non-zero values (4 B each), the smallest plain sparse encoding; a tensor
+  is never counted larger than dense. The KV-cache read per step is added to both.
 
 sparse-cpu's own runs are judged against the bytes its packed format really streams (`packed_tensor_bytes`: values +
 uint16 masks per 16 inputs + int64 row pointers for the block linears; embeddings row and lm_head dense), and the
@@ -108,7 +108,12 @@ def decode_bytes(inv: WeightInventory, past: int, sparse: bool, value_bytes: int
             weights += t.numel * value_bytes
     kv = 2 * inv.num_layers * past * inv.kv_dim * value_bytes
     other = inv.other_params * value_bytes
-    return {"weights": float(weights), "kv_cache": float(kv), "other": float(other), "total": float(weights + kv + other)}
+    return {
+        "weights": float(weights),
+        "kv_cache": float(kv),
+        "other": float(other),
+        "total": float(weights + kv + other),
+    }
 
 
 def prefill_flops(inv: WeightInventory, prompt_len: int, sparse: bool) -> dict[str, float]:
@@ -181,7 +186,9 @@ def inventory_from_dir(model_dir: str | Path) -> WeightInventory:
                 t = fh.get_tensor(name)
                 names.add(name)
                 if t.dim() == 2:
-                    tensors.append(TensorInfo(name, int(t.shape[0]), int(t.shape[1]), int((t != 0).sum()), classify(name)))
+                    tensors.append(
+                        TensorInfo(name, int(t.shape[0]), int(t.shape[1]), int((t != 0).sum()), classify(name))
+                    )
                 else:
                     other += int(t.numel())
     if not any(t.role == "lm_head" for t in tensors):

@@ -44,7 +44,11 @@ def hardware_info() -> dict[str, Any]:
 
     from .timing import available_cores
 
-    info: dict[str, Any] = {"machine": platform.machine(), "system": platform.system(), "cpu_model": platform.processor() or None}
+    info: dict[str, Any] = {
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "cpu_model": platform.processor() or None,
+    }
     flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -70,8 +74,11 @@ def hardware_info() -> dict[str, Any]:
         import torch
 
         if torch.cuda.is_available():
-            info["gpu"] = {"name": torch.cuda.get_device_name(0), "capability": list(torch.cuda.get_device_capability(0)),
-                           "memory_bytes": int(torch.cuda.get_device_properties(0).total_memory)}
+            info["gpu"] = {
+                "name": torch.cuda.get_device_name(0),
+                "capability": list(torch.cuda.get_device_capability(0)),
+                "memory_bytes": int(torch.cuda.get_device_properties(0).total_memory),
+            }
     except Exception:  # pragma: no cover
         pass
     try:
@@ -85,7 +92,17 @@ def versions() -> dict[str, str | None]:
     import importlib.metadata as md
 
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("losa-deploy", "torch", "transformers", "onnx", "onnxruntime", "deepsparse", "optimum-onnx", "lm_eval", "numpy"):
+    for pkg in (
+        "losa-deploy",
+        "torch",
+        "transformers",
+        "onnx",
+        "onnxruntime",
+        "deepsparse",
+        "optimum-onnx",
+        "lm_eval",
+        "numpy",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -264,7 +281,9 @@ def finalize_suite(suite: dict[str, Any]) -> dict[str, Any]:
 
 def validate_report(rep: Any, where: str = "report") -> dict[str, Any]:
     if not isinstance(rep, dict) or rep.get("schema") != SCHEMA:
-        raise UserError(f"{where} is not a losa-deploy bench report (schema '{SCHEMA}'): pass a report.json written by 'bench'")
+        raise UserError(
+            f"{where} is not a losa-deploy bench report (schema '{SCHEMA}'): pass a report.json written by 'bench'"
+        )
     if rep.get("version") != VERSION:
         raise UserError(f"{where} has report version {rep.get('version')}; this losa-deploy reads version {VERSION}")
     for key in ("hardware", "versions", "settings", "suites", "accuracy"):
@@ -374,7 +393,16 @@ def _kernel_note(suite: dict[str, Any]) -> str:
     return k.get("method", "")
 
 
-ROW_HEADER = ["runtime", "phase", "dense ms (p90)", "sparse ms (p90)", "speed-up", "sparse tok/s", "% bound d/s", "note"]
+ROW_HEADER = [
+    "runtime",
+    "phase",
+    "dense ms (p90)",
+    "sparse ms (p90)",
+    "speed-up",
+    "sparse tok/s",
+    "% bound d/s",
+    "note",
+]
 
 
 def rich_tables(rep: dict[str, Any]) -> list[Any]:
@@ -428,9 +456,17 @@ def accuracy_rows(rep: dict[str, Any]) -> list[list[str]]:
     ppl = acc.get("perplexity")
     if ppl:
         f = lambda v: "-" if not v else f"{v['perplexity']:.3f}"  # noqa: E731
-        rows.append([f"perplexity ({ppl.get('data_name', 'wikitext2')}, seqlen {ppl.get('seqlen')})", f(ppl.get("dense")), f(ppl.get("sparse"))])
+        rows.append(
+            [
+                f"perplexity ({ppl.get('data_name', 'wikitext2')}, seqlen {ppl.get('seqlen')})",
+                f(ppl.get("dense")),
+                f(ppl.get("sparse")),
+            ]
+        )
     zs = acc.get("zeroshot") or {}
-    tasks = sorted(set((zs.get("dense") or {}).get("tasks", {}).keys()) | set((zs.get("sparse") or {}).get("tasks", {}).keys()))
+    tasks = sorted(
+        set((zs.get("dense") or {}).get("tasks", {}).keys()) | set((zs.get("sparse") or {}).get("tasks", {}).keys())
+    )
     for task in tasks:
         for metric in ("acc", "acc_norm"):
             def g(var: str) -> str | None:
@@ -465,12 +501,17 @@ def render_markdown(rep: dict[str, Any]) -> str:
         lines.append(f"- GPU: {hw['gpu']}")
     lines.append(f"- versions: {', '.join(f'{k} {v}' for k, v in rep.get('versions', {}).items() if v)}")
     lat = st.get("latency", {})
-    lines.append(f"- settings: threads {st.get('threads')}, batch {lat.get('batch')}, prompt lengths {lat.get('prompt_lens')}, "
-                 f"decode past {lat.get('decode_past')} + {lat.get('decode_tokens')} tokens, generation {lat.get('gen_tokens')} tokens, "
-                 f"warm-up {lat.get('warmup')}, repeats {lat.get('repeats')} (median, p90)")
+    lines.append(
+        f"- settings: threads {st.get('threads')}, batch {lat.get('batch')}, prompt lengths {lat.get('prompt_lens')}, "
+        f"decode past {lat.get('decode_past')} + {lat.get('decode_tokens')} tokens, "
+        f"generation {lat.get('gen_tokens')} tokens, "
+        f"warm-up {lat.get('warmup')}, repeats {lat.get('repeats')} (median, p90)"
+    )
     for name, m in rep.get("models", {}).items():
-        lines.append(f"- {name}: `{m.get('path')}` ({m.get('model_type')}, {m.get('layers')} blocks, hidden {m.get('hidden')}, "
-                     f"sparsity of block linears {_pct(100 * m['sparsity']) if m.get('sparsity') is not None else '-'})")
+        lines.append(
+            f"- {name}: `{m.get('path')}` ({m.get('model_type')}, {m.get('layers')} blocks, hidden {m.get('hidden')}, "
+            f"sparsity of block linears {_pct(100 * m['sparsity']) if m.get('sparsity') is not None else '-'})"
+        )
     lines.append("")
     for suite in rep.get("suites", []):
         lines += [f"## {suite['name']}", "", suite.get("description", ""), ""]
@@ -497,8 +538,13 @@ def render_markdown(rep: dict[str, Any]) -> str:
         b = suite.get("bounds") or {}
         for var in ("dense", "sparse", "sparse-cpu"):
             if var in b:
-                lines.append(f"- physical bound, {var}: " + ", ".join(
-                    f"{k} {1000 * v['seconds']:.2f} ms" + (" per token" if k == "decode" else "") for k, v in b[var].items()))
+                lines.append(
+                    f"- physical bound, {var}: "
+                    + ", ".join(
+                        f"{k} {1000 * v['seconds']:.2f} ms" + (" per token" if k == "decode" else "")
+                        for k, v in b[var].items()
+                    )
+                )
         if suite.get("machine_rates"):
             mr = suite["machine_rates"]
             lines.append(f"- measured peak: {mr.get('flops_per_s', 0) / 1e9:.1f} GFLOP/s ({mr.get('flops_method')}); "
@@ -594,7 +640,10 @@ def write_report(rep: dict[str, Any], out_dir: Path, block_sparsity: Sequence[fl
             got.replace(final)
             plots[name] = final
     rep["plots"] = {k: str(v.relative_to(out_dir)) for k, v in plots.items()}
-    paths = {"json": write_json(out_dir / "report.json", rep), "md": write_text(out_dir / "report.md", render_markdown(rep))}
+    paths = {
+        "json": write_json(out_dir / "report.json", rep),
+        "md": write_text(out_dir / "report.md", render_markdown(rep)),
+    }
     paths.update(plots)
     return paths
 
@@ -615,7 +664,9 @@ def compare_reports(reports: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, 
         if ref is None:
             ref = key
         elif key != ref:
-            warnings.append(f"{label}: different threads/latency settings/CPU than the first report; speed-ups are not comparable")
+            warnings.append(
+                f"{label}: different threads/latency settings/CPU than the first report; speed-ups are not comparable"
+            )
         sp_model = rep.get("models", {}).get("sparse", {})
         ppl = (rep.get("accuracy") or {}).get("perplexity") or {}
         for suite in rep.get("suites", []):
@@ -628,7 +679,13 @@ def compare_reports(reports: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, 
                 "perplexity_dense": (ppl.get("dense") or {}).get("perplexity"),
                 "perplexity_sparse": (ppl.get("sparse") or {}).get("perplexity"),
             })
-    return {"schema": COMPARE_SCHEMA, "version": VERSION, "reports": [l for l, _ in reports], "rows": rows, "warnings": warnings}
+    return {
+        "schema": COMPARE_SCHEMA,
+        "version": VERSION,
+        "reports": [l for l, _ in reports],
+        "rows": rows,
+        "warnings": warnings,
+    }
 
 
 def compare_phases(cmp: dict[str, Any]) -> list[str]:
@@ -646,8 +703,11 @@ def compare_table_rows(cmp: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     for r in cmp["rows"]:
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         comp = (r["comparison"] or "-") + (" (WIDE)" if r.get("quotable") is False else "")
-        rows.append([r["report"], r["suite"], _pct(None if r["sparsity"] is None else 100 * r["sparsity"]), comp]
-                    + [_x(r["speedups"].get(p)) for p in phases] + [f(r["perplexity_dense"]), f(r["perplexity_sparse"])])
+        rows.append(
+            [r["report"], r["suite"], _pct(None if r["sparsity"] is None else 100 * r["sparsity"]), comp]
+            + [_x(r["speedups"].get(p)) for p in phases]
+            + [f(r["perplexity_dense"]), f(r["perplexity_sparse"])]
+        )
     return header, rows
 
 

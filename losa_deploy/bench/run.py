@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -131,7 +130,9 @@ def architecture(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_same_architecture(sparse_cfg: dict[str, Any], dense_cfg: dict[str, Any], sparse_name: str, dense_name: str) -> None:
+def check_same_architecture(
+    sparse_cfg: dict[str, Any], dense_cfg: dict[str, Any], sparse_name: str, dense_name: str
+) -> None:
     a, b = architecture(sparse_cfg), architecture(dense_cfg)
     diff = [f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b[k] and a[k] is not None and b[k] is not None]
     if diff:
@@ -209,7 +210,9 @@ def select_runtimes(requested: Sequence[str] | None) -> tuple[list[str], dict[st
     if shutil.which("trtexec") is None:
         skipped["tensorrt"] = "trtexec not on PATH"
     else:
-        skipped["tensorrt"] = "trtexec found; bench does not time TensorRT engines yet (export --format tensorrt, then trtexec)"
+        skipped["tensorrt"] = (
+            "trtexec found; bench does not time TensorRT engines yet (export --format tensorrt, then trtexec)"
+        )
     return run, skipped
 
 
@@ -283,7 +286,40 @@ def block_sparsity(path: Path, inv: Any) -> list[float]:
 def needed_max_len(settings: Any) -> int:
     """The longest sequence any runner of these settings holds (its position table must cover it)."""
     first = settings.prompt_lens[0] + max(settings.gen_tokens, 1)
-    return max([first] + [p + 1 for p in settings.prompt_lens] + [settings.decode_past + max(settings.decode_tokens, 1)])
+    return max(
+        [first] + [p + 1 for p in settings.prompt_lens] + [settings.decode_past + max(settings.decode_tokens, 1)]
+    )
+
+
+def _cached_export(model_dir: Path, cache: Path, subdir: str, runtimes: str, complete: Callable[[Path], bool],
+                   exporter: Callable[[], Callable[..., Any]], **settings: Any) -> Path:
+    """`<model_dir>/<subdir>` or `cache` when `complete` finds the export there, else `exporter()` writes it into
+    `cache` once (later runs reuse it). `exporter` imports the exporter, so a missing one is a one-line error."""
+    for cand in (model_dir / subdir, cache):
+        if complete(cand):
+            return cand
+    try:
+        export = exporter()
+    except ImportError as e:
+        raise UserError(f"cannot export '{model_dir}' for {runtimes}: the exporter is not available ({e})")
+    from ..console import err
+
+    err.print(f"exporting {model_dir} -> {cache} ({subdir} format, once; cached)")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    export(str(model_dir), str(cache), **settings)
+    return cache
+
+
+def _deepsparse_exporter() -> Callable[..., Any]:
+    from exporters.deepsparse_export import export_deepsparse
+
+    return export_deepsparse
+
+
+def _sparse_cpu_exporter() -> Callable[..., Any]:
+    from exporters.sparse_cpu_export import export_sparse_cpu
+
+    return export_sparse_cpu
 
 
 def ensure_deepsparse_export(model_dir: Path, cache: Path, *, max_len: int, threads: int) -> Path:
@@ -291,22 +327,12 @@ def ensure_deepsparse_export(model_dir: Path, cache: Path, *, max_len: int, thre
 
     One model.onnx serves every shape (the runners fix prefill length and total length at load time), so the export
     is done once per model and reused by later runs."""
-    for cand in (model_dir / "deepsparse", cache):
-        if has_export_manifest(cand) and (cand / "model.onnx").is_file():
-            return cand
-    try:
-        from exporters.deepsparse_export import export_deepsparse
-    except ImportError as e:
-        raise UserError(f"cannot export '{model_dir}' for onnxruntime/deepsparse: the exporter is not available ({e})")
-    from ..console import err
-
-    err.print(f"exporting {model_dir} -> {cache} (deepsparse format, once; cached)")
-    cache.parent.mkdir(parents=True, exist_ok=True)
     # The graph has symbolic lengths; prefill_len/max_len here only size the position table and the export's own
     # verification (a prefill + 16 greedy tokens), so leave room for both.
     prefill = min(128, max(1, max_len // 2))
-    export_deepsparse(str(model_dir), str(cache), prefill_len=prefill, max_len=max(max_len, prefill + 17), threads=threads)
-    return cache
+    return _cached_export(model_dir, cache, "deepsparse", "onnxruntime/deepsparse",
+                          lambda d: has_export_manifest(d) and (d / "model.onnx").is_file(), _deepsparse_exporter,
+                          prefill_len=prefill, max_len=max(max_len, prefill + 17), threads=threads)
 
 
 def ensure_sparse_cpu_export(model_dir: Path, cache: Path, *, max_len: int, threads: int) -> Path:
@@ -316,21 +342,12 @@ def ensure_sparse_cpu_export(model_dir: Path, cache: Path, *, max_len: int, thre
     baseline) is exported as the exporter does for dense checkpoints. Reused by later runs."""
     from ..sparse_cpu.runtime import FORMAT, WEIGHTS_FILE
 
-    for cand in (model_dir / SPARSE_CPU, cache):
-        if (cand / WEIGHTS_FILE).is_file() and read_export_manifest(cand).get("format") == FORMAT:
-            return cand
-    try:
-        from exporters.sparse_cpu_export import export_sparse_cpu
-    except ImportError as e:
-        raise UserError(f"cannot export '{model_dir}' for sparse-cpu: the exporter is not available ({e})")
-    from ..console import err
+    def complete(d: Path) -> bool:
+        return (d / WEIGHTS_FILE).is_file() and read_export_manifest(d).get("format") == FORMAT
 
-    err.print(f"exporting {model_dir} -> {cache} (sparse-cpu format, once; cached)")
-    cache.parent.mkdir(parents=True, exist_ok=True)
     ml = max(max_len, 24)  # the export verifies a prompt of max_len - 8 tokens in chunks of prefill_len
-    export_sparse_cpu(str(model_dir), str(cache), prefill_len=min(128, ml // 2), max_len=ml, threads=threads,
-                      overwrite=True)
-    return cache
+    return _cached_export(model_dir, cache, SPARSE_CPU, "sparse-cpu", complete, _sparse_cpu_exporter,
+                          prefill_len=min(128, ml // 2), max_len=ml, threads=threads, overwrite=True)
 
 
 def model_path_for(rt: str, var: str, model_dir: Path, exports: dict[str, Path], export_root: Path, settings: Any,
@@ -354,7 +371,9 @@ def model_path_for(rt: str, var: str, model_dir: Path, exports: dict[str, Path],
 def make_factory(path: Path, runtime: str, threads: int) -> Callable[[int, int], Any]:
     from ..runners import make_runner
 
-    rt, device = ("torch", "cuda") if runtime == "torch-cuda" else (runtime, "cuda" if runtime == "torch-2of4" else "cpu")
+    rt, device = (
+        ("torch", "cuda") if runtime == "torch-cuda" else (runtime, "cuda" if runtime == "torch-2of4" else "cpu")
+    )
 
     def factory(prefill_len: int, max_len: int) -> Any:
         return make_runner(str(path), rt, prefill_len=prefill_len, max_len=max_len, threads=threads, device=device)
@@ -519,7 +538,9 @@ def accuracy(opts: BenchOptions, dense_spec: str, sparse_dir: Path, notes: list[
     if not want_ppl:
         notes.append("perplexity not measured: pass --ppl-data PATH (e.g. wikitext-2-raw/wiki.test.raw)")
     if not tasks:
-        notes.append("zero-shot not measured: pass --task-data NAME=PATH (piqa, arc_easy, boolq, hellaswag, ...) or --tasks")
+        notes.append(
+            "zero-shot not measured: pass --task-data NAME=PATH (piqa, arc_easy, boolq, hellaswag, ...) or --tasks"
+        )
     if not want_ppl and not tasks:
         return acc
     zs_fn = None
@@ -529,8 +550,13 @@ def accuracy(opts: BenchOptions, dense_spec: str, sparse_dir: Path, notes: list[
         except ImportError as e:
             notes.append(f"zero-shot skipped: losa_deploy.evaluation.zeroshot unavailable ({e})")
     if want_ppl:
-        acc["perplexity"] = {"data": opts.ppl_data, "data_name": Path(str(opts.ppl_data)).name, "seqlen": opts.ppl_seqlen,
-                             "max_tokens": opts.ppl_max_tokens, "protocol": "evaluate command (METHODS §5), fp32, cpu"}
+        acc["perplexity"] = {
+            "data": opts.ppl_data,
+            "data_name": Path(str(opts.ppl_data)).name,
+            "seqlen": opts.ppl_seqlen,
+            "max_tokens": opts.ppl_max_tokens,
+            "protocol": "evaluate command (METHODS §5), fp32, cpu",
+        }
     if zs_fn is not None:
         acc["zeroshot"] = {"tasks_requested": tasks, "limit": opts.limit}
     from ..cpu_gemm import cpu_gemm
@@ -542,8 +568,14 @@ def accuracy(opts: BenchOptions, dense_spec: str, sparse_dir: Path, notes: list[
             if want_ppl:
                 from ..evaluation.perplexity import evaluate_perplexity
 
-                acc["perplexity"][var] = evaluate_perplexity(model, tok, str(opts.ppl_data), opts.ppl_seqlen,
-                                                             max_tokens=opts.ppl_max_tokens, progress=opts.progress).to_dict()
+                acc["perplexity"][var] = evaluate_perplexity(
+                    model,
+                    tok,
+                    str(opts.ppl_data),
+                    opts.ppl_seqlen,
+                    max_tokens=opts.ppl_max_tokens,
+                    progress=opts.progress,
+                ).to_dict()
             if zs_fn is not None:
                 acc["zeroshot"][var] = zs_fn(model, tok, tasks, opts.limit, progress=opts.progress)
             del model
@@ -602,14 +634,20 @@ def _run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
         raise UserError("give SPARSE_DIR (a compressed model directory), or only --compare REPORT.json ...")
     sparse_dir = Path(opts.sparse_dir).expanduser()
     if not sparse_dir.is_dir() or not (sparse_dir / "config.json").is_file():
-        raise UserError(f"SPARSE_DIR '{sparse_dir}' is not a model directory (expected config.json): pass the output of 'compress'")
+        raise UserError(
+            f"SPARSE_DIR '{sparse_dir}' is not a model directory (expected config.json): pass the output of 'compress'"
+        )
     if not opts.baseline:
-        raise UserError("--baseline is required: the dense model the sparse one came from (directory or alias, e.g. smollm2-135m)")
+        raise UserError(
+            "--baseline is required: the dense model the sparse one came from (directory or alias, e.g. smollm2-135m)"
+        )
     check_inputs(opts)
     check_masks(sparse_dir)  # masks are the contract: a sparse model whose weights left them is refused
     src = resolve_model(opts.baseline)
     if not src.is_local:
-        raise UserError(f"--baseline '{opts.baseline}' must be a local directory or alias (bench exports it, which needs its files)")
+        raise UserError(
+            f"--baseline '{opts.baseline}' must be a local directory or alias (bench exports it, which needs its files)"
+        )
     dense_dir = Path(src.path)
     sparse_cfg = json.loads((sparse_dir / "config.json").read_text())
     dense_cfg = json.loads((dense_dir / "config.json").read_text())
@@ -632,21 +670,43 @@ def _run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
     if opts.sparsity is not None and not 0 <= opts.sparsity < 1:
         raise UserError(f"--sparsity must be in [0, 1) (got {opts.sparsity})")
     threads = resolve_threads(opts.threads)
-    settings = LatencySettings(tuple(opts.prompt_lens), opts.decode_past, opts.decode_tokens, opts.gen_tokens, opts.batch,
-                               opts.warmup, opts.repeats, opts.seed)
+    settings = LatencySettings(
+        tuple(opts.prompt_lens),
+        opts.decode_past,
+        opts.decode_tokens,
+        opts.gen_tokens,
+        opts.batch,
+        opts.warmup,
+        opts.repeats,
+        opts.seed,
+    )
     names, variants = split_variants(opts.runtimes)
     runtimes, skipped = ([], {}) if opts.skip_latency else select_runtimes(names)
     runtimes = onnx_runtimes_for(hf_cfg, runtimes, skipped, explicit=opts.runtimes is not None)
     runtimes = sparse_cpu_for(hf_cfg, runtimes, skipped, explicit=opts.runtimes is not None)
     out_dir = Path(opts.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rep = new_report({"threads": threads, "latency": settings.to_dict(), "runtimes_requested": list(opts.runtimes) if opts.runtimes else None,
-                      "runtimes_run": runtimes, "runtimes_skipped": skipped, "shapes": opts.shapes, "blocks": opts.blocks if opts.shapes else None,
-                      "sparsity_override": opts.sparsity, "skip_accuracy": opts.skip_accuracy, "skip_latency": opts.skip_latency},
-                     opts.command or sys.argv)
+    rep = new_report(
+        {
+            "threads": threads,
+            "latency": settings.to_dict(),
+            "runtimes_requested": list(opts.runtimes) if opts.runtimes else None,
+            "runtimes_run": runtimes,
+            "runtimes_skipped": skipped,
+            "shapes": opts.shapes,
+            "blocks": opts.blocks if opts.shapes else None,
+            "sparsity_override": opts.sparsity,
+            "skip_accuracy": opts.skip_accuracy,
+            "skip_latency": opts.skip_latency,
+        },
+        opts.command or sys.argv,
+    )
     inv_s = inventory_from_dir(sparse_dir)
     inv_d = inventory_from_dir(dense_dir)
-    rep["models"] = {"dense": model_facts(dense_dir, opts.baseline, inv_d), "sparse": model_facts(sparse_dir, str(sparse_dir), inv_s)}
+    rep["models"] = {
+        "dense": model_facts(dense_dir, opts.baseline, inv_d),
+        "sparse": model_facts(sparse_dir, str(sparse_dir), inv_s),
+    }
     bs = block_sparsity(sparse_dir, inv_s)
     rep["models"]["sparse"]["block_sparsity"] = bs
     rep["notes"].append("figures are medians over repeats after warm-up; peak RSS is the whole process's high-water "
@@ -658,32 +718,66 @@ def _run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
         err.print(f"measuring machine peaks ({threads} threads)")
         fl = measure_peak_flops(threads)
         bw = measure_bandwidth(threads=threads)
-        rates = {"flops_per_s": fl["flops_per_s"], "flops_method": fl["method"], "bytes_per_s": bw["bytes_per_s"], "bandwidth_method": bw["method"]}
+        rates = {
+            "flops_per_s": fl["flops_per_s"],
+            "flops_method": fl["method"],
+            "bytes_per_s": bw["bytes_per_s"],
+            "bandwidth_method": bw["method"],
+        }
         rep["machine_rates"] = rates
         cpu_rts = [r for r in runtimes if r not in GPU_RUNTIMES]
         gpu_rts = [r for r in runtimes if r in GPU_RUNTIMES]
         suites_rts = [rt for rt in cpu_rts + gpu_rts]
         export_root = out_dir / "exports"
         if not (opts.shapes and opts.skip_model_latency):
-            rep["suites"].append(latency_suite(
-                "model", f"{sparse_dir.name} vs {opts.baseline} ({dense_cfg.get('model_type')}, {dense_cfg.get('num_hidden_layers')} blocks)",
-                dense_dir, sparse_dir, suites_rts, skipped, settings, threads, export_root / "model", rates,
-                opts.progress, variants=variants))
+            rep["suites"].append(
+                latency_suite(
+                    "model",
+                    f"{sparse_dir.name} vs {opts.baseline} ({dense_cfg.get('model_type')}, "
+                    f"{dense_cfg.get('num_hidden_layers')} blocks)",
+                    dense_dir,
+                    sparse_dir,
+                    suites_rts,
+                    skipped,
+                    settings,
+                    threads,
+                    export_root / "model",
+                    rates,
+                    opts.progress,
+                    variants=variants,
+                )
+            )
         if opts.shapes:
-            lr: dict[str, float] | float = opts.sparsity if opts.sparsity is not None else linear_rates_from_model(sparse_dir)
+            lr: dict[str, float] | float = (
+                opts.sparsity if opts.sparsity is not None else linear_rates_from_model(sparse_dir)
+            )
             tag = f"{opts.shapes}-{opts.blocks}b-" + (f"s{opts.sparsity:g}" if opts.sparsity is not None else "rates")
             shape_root = out_dir / "shapes" / tag
             err.print(f"building {opts.blocks} {opts.shapes}-shaped blocks (dense + sparse) in {shape_root}")
-            info = build_shape_pair(shape_root, shape=opts.shapes, blocks=opts.blocks, rates=lr, seed=opts.seed, progress=opts.progress)
+            info = build_shape_pair(
+                shape_root, shape=opts.shapes, blocks=opts.blocks, rates=lr, seed=opts.seed, progress=opts.progress
+            )
             suite = latency_suite(
                 f"shapes:{opts.shapes}x{opts.blocks}",
-                f"{opts.blocks} random decoder blocks with {opts.shapes} shapes, magnitude-pruned per row; {info['settings']['lm_head']}",
-                Path(info["dense_dir"]), Path(info["sparse_dir"]), suites_rts, skipped, settings, threads,
-                shape_root / "exports", rates, opts.progress, variants=variants)
+                f"{opts.blocks} random decoder blocks with {opts.shapes} shapes, magnitude-pruned per row; "
+                f"{info['settings']['lm_head']}",
+                Path(info["dense_dir"]),
+                Path(info["sparse_dir"]),
+                suites_rts,
+                skipped,
+                settings,
+                threads,
+                shape_root / "exports",
+                rates,
+                opts.progress,
+                variants=variants,
+            )
             suite["shapes"] = info["settings"]
             rep["suites"].append(suite)
     if not opts.skip_accuracy:
-        rep["accuracy"] = accuracy(opts, str(dense_dir) if opts.baseline is None else opts.baseline, sparse_dir, rep["notes"])
+        rep["accuracy"] = accuracy(
+            opts, str(dense_dir) if opts.baseline is None else opts.baseline, sparse_dir, rep["notes"]
+        )
     if rep["suites"]:  # probe again: a probe disturbed by another process reads low, never high; keep the higher
         err.print(f"measuring machine peaks again ({threads} threads)")
         fl2, bw2 = measure_peak_flops(threads), measure_bandwidth(threads=threads)
@@ -721,7 +815,9 @@ def _run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
     return rep, paths
 
 
-def run_compare(report_paths: Sequence[Path], out_dir: Path | None, extra: Sequence[tuple[str, dict[str, Any]]] = ()) -> tuple[dict[str, Any], dict[str, Path]]:
+def run_compare(
+    report_paths: Sequence[Path], out_dir: Path | None, extra: Sequence[tuple[str, dict[str, Any]]] = ()
+) -> tuple[dict[str, Any], dict[str, Path]]:
     from ..atomic import write_json, write_text
     from ..console import out
     from .report import compare_reports, compare_rich_table, labels_for, load_report, render_compare_markdown

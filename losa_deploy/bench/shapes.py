@@ -95,7 +95,9 @@ def _tokenizer(vocab: int) -> Any:
     tk = Tokenizer(models.BPE(vocab=ids, merges=[], unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<unk>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<unk>", unk_token="<unk>"
+    )
 
 
 def build_shape_pair(
@@ -134,7 +136,12 @@ def build_shape_pair(
         "init": "normal(0, 0.02), seeded; pruning: magnitude, per output row",
     }
     marker = out / "shapes.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("settings") == desc and (out / "dense").is_dir() and (out / "sparse").is_dir():
+    if (
+        marker.is_file()
+        and json.loads(marker.read_text()).get("settings") == desc
+        and (out / "dense").is_dir()
+        and (out / "sparse").is_dir()
+    ):
         return json.loads(marker.read_text())
 
     from transformers import LlamaForCausalLM
@@ -185,7 +192,9 @@ def validate_blocks(blocks: int) -> None:
     if blocks < 1:
         raise UserError(f"--blocks must be >= 1 (got {blocks})")
     if blocks > 16:
-        raise UserError(f"--blocks {blocks} needs ~{blocks * 0.8:.0f} GB per fp32 copy; use at most 16 (2-4 fits a laptop)")
+        raise UserError(
+            f"--blocks {blocks} needs ~{blocks * 0.8:.0f} GB per fp32 copy; use at most 16 (2-4 fits a laptop)"
+        )
 
 
 def mean_rate(rates: dict[str, float], shape: str = "llama-2-7b") -> float:

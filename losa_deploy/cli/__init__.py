@@ -5,10 +5,12 @@ from this package's `__init__`. Importing them here, in the order `--help` lists
 """
 
 # isort: off
-from . import evaluate  # noqa: F401  (evaluate, profiles list/show)
+from . import evaluate  # noqa: F401
+from . import profiles  # noqa: F401  (profiles list, profiles show)
 from . import bench  # noqa: F401
 from . import compress  # noqa: F401
-from . import export  # noqa: F401  (export, generate)
+from . import export  # noqa: F401
+from . import generate  # noqa: F401
 from .app import app, main  # last: binds `app` here to the Typer app, not the module of that name
 
 # isort: on

@@ -64,6 +64,8 @@ _HELP = {
     "train_seqlen": "LoSA: fine-tuning sequence length in tokens \\[default: 256].",
     "batch_size": "LoSA: fine-tuning batch size \\[default: 4].",
     "lr": "LoSA: AdamW learning rate, one schedule over all steps \\[default: 2e-4].",
+    "lr_schedule": "LoSA: linear (warmup, then decay over all steps) | wsd (warmup, hold, decay in the last step) "
+                   "\\[default: linear].",
     "lora_alpha": "LoSA: adapter scale alpha (update = alpha/r * (B A) * M) \\[default: 16].",
     "lora_dropout": "LoSA: dropout on the adapter input \\[default: 0.1, the paper's]; 0 fuses adapter and weight "
                     "into one matmul (faster training).",
@@ -120,6 +122,7 @@ def compress(
     train_seqlen: Optional[int] = _option("train_seqlen"),
     batch_size: Optional[int] = _option("batch_size"),
     lr: Optional[float] = _option("lr"),
+    lr_schedule: Optional[str] = _option("lr_schedule"),
     lora_alpha: Optional[float] = _option("lora_alpha"),
     lora_dropout: Optional[float] = _option("lora_dropout"),
     uniform_ranks: Optional[bool] = _option("uniform_ranks", off="--allocated-ranks"),

@@ -1,4 +1,4 @@
-"""`losa-deploy export` and `losa-deploy generate`: thin commands over exporters/ and losa_deploy.runners."""
+"""`losa-deploy export`: a thin command over exporters/ (one exporter per --format)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..console import err, out
+from ..console import out
 from ..errors import UserError
 from .app import app
 
@@ -18,17 +18,19 @@ ALIASES = {"hf": "compressed-tensors"}  # the Hugging Face sparse checkpoint is 
 
 @app.command()
 def export(
-    model_dir: Path = typer.Argument(..., help="A Hugging Face causal-LM directory (what `compress` writes, or any HF checkpoint)."),
-    fmt: str = typer.Option(..., "--format", "-f",
-                            help="onnx | deepsparse | tensorrt | compressed-tensors (alias hf) | sparse-cpu"),
+    model_dir: Path = typer.Argument(
+        ..., help="A Hugging Face causal-LM directory (what `compress` writes, or any HF checkpoint)."),
+    fmt: str = typer.Option(
+        ..., "--format", "-f", help="onnx | deepsparse | tensorrt | compressed-tensors (alias hf) | sparse-cpu"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: MODEL_DIR/<format>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     prefill_len: int = typer.Option(128, "--prefill-len", help="deepsparse, sparse-cpu: tokens per prefill call."),
-    max_len: int = typer.Option(512, "--max-len",
-                                help="deepsparse, sparse-cpu: total sequence length (prompt + generated)."),
-    threads: Optional[int] = typer.Option(None, "--threads",
-                                          help="deepsparse, sparse-cpu: verification threads (default: all)."),
-    force_2of4: bool = typer.Option(False, "--force-2of4", help="tensorrt: re-prune a non-2:4 checkpoint to 2:4 by magnitude."),
+    max_len: int = typer.Option(
+        512, "--max-len", help="deepsparse, sparse-cpu: total sequence length (prompt + generated)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="deepsparse, sparse-cpu: verification threads (default: all)."),
+    force_2of4: bool = typer.Option(
+        False, "--force-2of4", help="tensorrt: re-prune a non-2:4 checkpoint to 2:4 by magnitude."),
 ) -> None:
     """Export a (sparse) model and verify it against PyTorch before declaring it done.
 
@@ -71,10 +73,12 @@ def export(
     elif fmt == "deepsparse":
         from exporters.deepsparse_export import export_deepsparse
 
-        man = export_deepsparse(src, dest, prefill_len=prefill_len, max_len=max_len, overwrite=overwrite, threads=threads)
+        man = export_deepsparse(src, dest, prefill_len=prefill_len, max_len=max_len, overwrite=overwrite,
+                                threads=threads)
         v = man["verification"]
         ds = man["deepsparse"]
-        out.print(f"deepsparse export verified: ORT max |dlogit| {v['onnxruntime_vs_torch']['max_abs_logit_diff']:.2e}; "
+        out.print(f"deepsparse export verified: ORT max |dlogit| "
+                  f"{v['onnxruntime_vs_torch']['max_abs_logit_diff']:.2e}; "
                   f"DeepSparse {v['deepsparse_vs_torch']['new_tokens']} greedy tokens match PyTorch "
                   f"(max |dlogit| {v['deepsparse_vs_torch']['max_abs_logit_diff']:.2e}); supported ops "
                   f"{ds['fraction_of_supported_ops']}; sparse layers {len(ds['sparse_layers'])}/"
@@ -84,9 +88,11 @@ def export(
 
         man = export_tensorrt(src, dest, force_2of4=force_2of4, overwrite=overwrite)
         r = man["two_four"]["summary"]
-        out.print(f"tensorrt fp16 ONNX written; 2:4 eligible {r['eligible']}, ineligible {r['ineligible']}, skipped {r['skipped']}")
+        out.print(f"tensorrt fp16 ONNX written; 2:4 eligible {r['eligible']}, ineligible {r['ineligible']}, "
+                  f"skipped {r['skipped']}")
         if man.get("forced_2of4"):
-            out.print(f"[yellow]re-pruned {man['forced_2of4']['layers']} layers to 2:4 by magnitude (--force-2of4)[/yellow]")
+            out.print(f"[yellow]re-pruned {man['forced_2of4']['layers']} layers to 2:4 by magnitude "
+                      "(--force-2of4)[/yellow]")
         out.print(f"build the sparse engine with:\n  {man['trtexec']}")
     elif fmt == "sparse-cpu":
         from exporters.sparse_cpu_export import export_sparse_cpu
@@ -112,58 +118,3 @@ def export(
                   f"({s['ratio'] * 100:.1f}%); decompressed exactly: {man['verification']['decompressed_exact']}")
         out.print(f"load with: {man['load']}", highlight=False)
     out.print(f"wrote {dest} in {time.perf_counter() - t:.1f} s (manifest: {dest / EXPORT_MANIFEST_NAME})")
-
-
-@app.command()
-def generate(
-    model_dir: Path = typer.Argument(..., help="Model directory, or its deepsparse / sparse-cpu export directory."),
-    runtime: str = typer.Option("torch", "--runtime", help="torch | onnxruntime | deepsparse | torch-2of4 | sparse-cpu"),
-    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    prefill_len: Optional[int] = typer.Option(None, "--prefill-len", help="Default: the export's prefill length (or 128)."),
-    max_len: Optional[int] = typer.Option(None, "--max-len", help="Default: the export's max length (or 512)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda (torch-2of4 needs cuda)"),
-) -> None:
-    """Greedy generation with one runtime (the same runners `bench` measures).
-
-    Examples: losa-deploy generate runs/sparse70 --runtime deepsparse --prompt "The capital of France is"
-
-      losa-deploy generate runs/sparse70 --runtime sparse-cpu --threads 2 --prompt "The capital of France is"
-    """
-    from transformers import AutoTokenizer
-
-    from ..artifact import check_masks, read_export_manifest
-    from ..runners import RUNTIMES, generate as run_generate, make_runner, resolve_hf_dir, resolve_onnx_dir
-
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown --runtime '{runtime}': use one of {', '.join(RUNTIMES)}")
-    p = Path(model_dir)
-    if not p.exists():
-        raise UserError(f"'{model_dir}' not found")
-    pl, ml = prefill_len, max_len
-    if runtime in ("onnxruntime", "deepsparse", "sparse-cpu"):
-        if runtime == "sparse-cpu":
-            from ..sparse_cpu.runtime import resolve_export_dir
-
-            d = resolve_export_dir(p)
-        else:
-            d = resolve_onnx_dir(p)
-        eng = read_export_manifest(d).get("engines", {})  # the export's shapes are the defaults
-        pl = pl or eng.get("prefill", {}).get("seq", 128)
-        ml = ml or eng.get("max_len", 512)
-        tok_dir = d
-    else:
-        tok_dir = resolve_hf_dir(p)
-        check_masks(tok_dir)  # the checkpoint the torch runner loads must agree with its masks
-    pl, ml = pl or 128, ml or 512
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    except Exception as e:
-        raise UserError(f"could not load the tokenizer from '{tok_dir}': {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    runner = make_runner(p, runtime, prefill_len=pl, max_len=ml, threads=threads, device=device)
-    t = time.perf_counter()
-    res = run_generate(runner, tok, prompt, max_new_tokens)
-    dt = time.perf_counter() - t
-    out.print(prompt + res["text"], markup=False, highlight=False)
-    err.print(f"[dim]{runner.name}: {len(res['tokens'])} new tokens in {dt:.2f} s ({runner.threads} threads)[/dim]")

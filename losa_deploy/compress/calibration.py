@@ -12,6 +12,8 @@ from ..console import err
 from .. import data  # as a module: tests substitute its sampler
 from ..data import SELF, eval_text
 from ..errors import UserError
+from ..precision import bf16_autocast_supported
+from .losa.train import self_train_seed
 from .recipe import Recipe
 
 _TUNE_SEED_OFFSET = 1_000_003
@@ -37,9 +39,29 @@ def calibration_for(model: Any, tok: Any, recipe: Recipe) -> Calibration:
     if n_tune and recipe.rates.tune_data is None and c.calib_data != SELF:
         calib, tune_ids, tuning = _held_out_draws(model, tok, recipe, n_tune)
     else:
-        calib = data.calibration_ids(tok, c.calib_data, c.nsamples, c.seqlen, c.seed, model=model)
+        calib = calibration_windows(model, tok, recipe)
         tune_ids, tuning = _tuning_windows(model, tok, recipe, n_tune) if n_tune else (None, {})
     return Calibration(calib, tune_ids, tuning, time.perf_counter() - t0)
+
+
+def shares_self_text(recipe: Recipe) -> bool:
+    """Whether the calibration windows can be the first adapter-training sequences (both self text, same length).
+
+    Generating text is as slow per token as training on it, so the calibration then costs no generation at all.
+    """
+    c, a = recipe.calibration, recipe.adapters
+    return (recipe.trains_adapters and c.calib_data == SELF and a.train_data == SELF and c.seqlen == a.train_seqlen
+            and c.nsamples <= a.train_samples)
+
+
+def calibration_windows(model: Any, tok: Any, recipe: Recipe) -> torch.Tensor:
+    """The calibration windows; for LoSA on self text, the first training sequences (no second generation)."""
+    c = recipe.calibration
+    if shares_self_text(recipe):
+        ids = data.calibration_ids(tok, SELF, recipe.adapters.train_samples, c.seqlen, self_train_seed(c.seed),
+                                   model=model)
+        return ids[: c.nsamples]
+    return data.calibration_ids(tok, c.calib_data, c.nsamples, c.seqlen, c.seed, model=model)
 
 
 def _held_out_draws(model: Any, tok: Any, recipe: Recipe, n_tune: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -74,8 +96,6 @@ def _tuning_windows(model: Any, tok: Any, recipe: Recipe, n_tune: int) -> tuple[
 
 def resolve_calib_dtype(name: str, device: str) -> torch.dtype | None:
     """The autocast dtype of the calibration block forwards (None: the model's own, float32 by default)."""
-    from .losa.train import bf16_autocast_supported
-
     if name == "float32":
         return None
     native = bf16_autocast_supported(device)

@@ -1,8 +1,9 @@
 """The method interface: every compress method takes `MethodInputs` and returns a `MethodResult`.
 
 `oneshot` (magnitude, wanda, sparsegpt), `losa` and `dense-lora` differ in how they reach their masks, not in
-what they hand back, so `orchestrate` has one path for all of them. `prune_pass` is the step all three share:
-rates for a target from the one allocator, then one sequential prune with those rates.
+what they hand back, so `orchestrate` has one path for all of them (`orchestrate.METHODS` maps the names).
+`prune_pass` is the step all three share: rates for a target from the one allocator, then one sequential prune
+with those rates.
 """
 
 from __future__ import annotations
@@ -60,21 +61,6 @@ class MethodResult:
 Method = Callable[[MethodInputs], MethodResult]
 
 
-def method_for(name: str) -> Method:
-    """The function that runs `--method name` (imported on demand: LoSA pulls in its training code)."""
-    if name == "losa":
-        from .losa.run import run_losa
-
-        return run_losa
-    if name == "dense-lora":
-        from .losa.baseline import run_dense_lora
-
-        return run_dense_lora
-    from .oneshot import run_oneshot
-
-    return run_oneshot
-
-
 @dataclass
 class PassResult:
     """One `prune_pass`: the prune, the allocation details, and the seconds each part took."""
@@ -89,13 +75,16 @@ class PassResult:
 
 
 def prune_pass(inputs: MethodInputs, allocator: RateAllocator, sparsity: float, *, method: str,
-               pattern: Pattern, dense_state: dict[str, Tensor] | None = None) -> PassResult:
-    """Rates for `sparsity` on the model as it is now, then one block-by-block prune to them."""
+               pattern: Pattern, dense_state: dict[str, Tensor] | None = None,
+               dense_outputs: dict[int, Tensor] | None = None) -> PassResult:
+    """Rates for `sparsity` on the model as it is now, then one block-by-block prune to them (`dense_state`,
+    `dense_outputs`: see `prune.prune_sequential`)."""
     recipe = inputs.recipe
     rates, info = allocator.rates(sparsity)
     t0 = time.perf_counter()
     spec = PruneSpec(method, pattern, allocator.n_per_block(rates, sparsity, pattern), tuple(recipe.prune.ignore),
                      recipe.prune.blocksize, recipe.prune.percdamp)
     res = prune_sequential(inputs.model, inputs.calib_ids, spec, rates, device=inputs.device,
-                           offload=recipe.offload, dense_state=dense_state, progress=inputs.progress)
+                           offload=recipe.offload, dense_state=dense_state, progress=inputs.progress,
+                           dense_outputs=dense_outputs)
     return PassResult(res, info, time.perf_counter() - t0)

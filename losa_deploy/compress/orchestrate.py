@@ -1,6 +1,6 @@
 """`compress` orchestration: check, load, calibrate, measure, run the method, verify, measure, save.
 
-One path for every method: the method is chosen by name (`methods.method_for`) and returns a `MethodResult`;
+One path for every method: the method is chosen by name (`METHODS`) and returns a `MethodResult`;
 everything around it is the same. Everything that can be wrong with the user's request is checked before the
 first expensive step, and the output is written inside `atomic_dir`, so a failed or interrupted run leaves
 nothing that looks like a result.
@@ -29,10 +29,17 @@ from ..manifest import build_manifest
 from ..model_parts import find_blocks
 from .calibration import calibration_for, resolve_calib_dtype
 from .checks import check_against_model, check_room
-from .methods import MethodInputs, MethodResult, method_for
+from .losa.baseline import run_dense_lora
+from .losa.run import run_losa
+from .methods import Method, MethodInputs, MethodResult
+from .oneshot import run_oneshot
 from .recipe import Recipe
 from .report import block_records, calibration_record, linear_records, memory_record, sparsity_record
 from .sequential import block_compute
+
+# The one per-method choice: each takes `MethodInputs` and returns a `MethodResult`.
+METHODS: dict[str, Method] = {"magnitude": run_oneshot, "wanda": run_oneshot, "sparsegpt": run_oneshot,
+                              "losa": run_losa, "dense-lora": run_dense_lora}
 
 
 def run_compress(recipe: Recipe, *, progress: bool = True, command: str | None = None,
@@ -70,7 +77,7 @@ class _Compress:
         inputs = MethodInputs(recipe, self.model, self.tok, cal.ids, artifact.work_dir(self.out), self.device,
                               cal.tune_ids, self.progress)
         with block_compute(calib_dtype):
-            result = method_for(recipe.method)(inputs)
+            result = METHODS[recipe.method](inputs)
         self.timings.update(result.timings)
         linears = linear_records(self.model, recipe, result)
         blocks_name, _ = find_blocks(self.model)

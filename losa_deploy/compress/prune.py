@@ -120,8 +120,9 @@ class _BlockPruner:
     """The visitor `prune_sequential` hands to the block walk: one block at a time, in order."""
 
     def __init__(self, spec: PruneSpec, rates: Sequence[float], dense_state: dict[str, Tensor] | None,
-                 block_hook: BlockHook | None) -> None:
+                 block_hook: BlockHook | None, dense_outputs: dict[int, Tensor] | None = None) -> None:
         self.spec, self.rates, self.dense_state, self.block_hook = spec, rates, dense_state, block_hook
+        self.dense_outputs = dense_outputs
         self.res = PruneResult()
         self.dense_hidden: Tensor | None = None  # the dense model's stream, for reconstruction errors
         self.t_stats = self.t_prune = self.t_recon = 0.0
@@ -131,7 +132,7 @@ class _BlockPruner:
         self.res.block_rates.append(target)
         self.res.block_nm.append((n, m) if m else None)
         linears = find_linears(block, self.spec.ignore, prefix=prefix)
-        dense_out = self._dense_reference(prefix, block, hidden, kwargs)
+        dense_out = self._dense_reference(i, prefix, block, hidden, kwargs)
         stats = self._statistics(block, linears, hidden, kwargs)
         t0 = time.perf_counter()
         block_masks = {}
@@ -150,16 +151,26 @@ class _BlockPruner:
         self.t_stats += time.perf_counter() - t0  # the re-run is part of the data flow cost
         return out
 
-    def _dense_reference(self, prefix: str, block: nn.Module, hidden: Tensor | None, kwargs: dict) -> Tensor | None:
-        """The dense block on the dense stream (for LoSA's reconstruction error); None without `dense_state`."""
+    def _dense_reference(self, i: int, prefix: str, block: nn.Module, hidden: Tensor | None,
+                         kwargs: dict) -> Tensor | None:
+        """The dense block on the dense stream (for LoSA's reconstruction error), from `dense_outputs` when it
+        already holds block i; None without `dense_state`."""
         if self.dense_state is None:
             return None
         t0 = time.perf_counter()
-        dh = self.dense_hidden if self.dense_hidden is not None else hidden
-        saved = _swap_weights(block, prefix, self.dense_state)
-        dense_out = run_block(block, dh, kwargs)
-        _restore_weights(block, saved)
-        self.dense_hidden = dense_out
+        cache = self.dense_outputs
+        if cache is not None and i in cache:
+            dense_out = cache[i]
+        else:
+            dh = self.dense_hidden if self.dense_hidden is not None else hidden
+            if i > 0 and cache is not None and i - 1 in cache:
+                dh = cache[i - 1]
+            saved = _swap_weights(block, prefix, self.dense_state)
+            dense_out = run_block(block, dh, kwargs)
+            _restore_weights(block, saved)
+            self.dense_hidden = dense_out
+            if cache is not None:
+                cache[i] = dense_out
         self.t_recon += time.perf_counter() - t0
         return dense_out
 
@@ -249,6 +260,7 @@ def prune_sequential(
     dense_state: dict[str, Tensor] | None = None,
     block_hook: BlockHook | None = None,
     progress: bool = True,
+    dense_outputs: dict[int, Tensor] | None = None,
 ) -> PruneResult:
     """Prune every block in order, feeding each the outputs of the already-pruned blocks before it.
 
@@ -256,10 +268,12 @@ def prune_sequential(
     `dense_state` ({full param name: tensor}): also record each block's reconstruction error (dense block on
     dense inputs vs pruned block on pruned inputs), for LoSA's rank allocation.
     `block_hook(index, block, {full weight name: mask})` runs after each block is pruned.
+    `dense_outputs`: a cache of the dense blocks' outputs on `calib_ids`, filled on the first call and read on
+    later ones (LoSA prunes T times with the same dense weights and calibration, so the reference is the same).
     Magnitude without `dense_state` reads no data (`calib_ids` may be None) and runs no block.
     """
     _check_spec(spec, rates, len(find_blocks(model)[1]))
-    pruner = _BlockPruner(spec, rates, dense_state, block_hook)
+    pruner = _BlockPruner(spec, rates, dense_state, block_hook, dense_outputs)
     if spec.method == "magnitude" and dense_state is None:
         return _prune_without_data(model, pruner, progress)
     if calib_ids is None:

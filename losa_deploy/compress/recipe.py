@@ -31,6 +31,8 @@ ALLOCATIONS = ("uniform", "atp", "owl", "rmi")
 ADAPTER_ALLOCATIONS = ("rmi", "uniform", "atp")
 OBJECTIVES = ("lm", "distill")
 MASK_METHODS = ("wanda", "sparsegpt")
+# linear: warmup, then decay over all steps; wsd: warmup, hold the peak, decay during the last step only.
+LR_SCHEDULES = ("linear", "wsd")
 DTYPES = ("float32", "bfloat16", "float16")
 CALIB_DTYPES = ("float32", "bfloat16", "auto")
 DEFAULT_SPARSITY = 0.5
@@ -43,6 +45,7 @@ DEPRECATED_KEYS = {
     "losa_dropout": "lora_dropout", "losa_lr": "lr", "losa_train_data": "train_data",
     "losa_train_samples": "train_samples", "losa_train_seqlen": "train_seqlen", "losa_objective": "objective",
     "losa_mask_method": "mask_method", "losa_batch_size": "batch_size", "losa_uniform_ranks": "uniform_ranks",
+    "losa_lr_schedule": "lr_schedule",
 }
 
 
@@ -169,6 +172,7 @@ class AdapterSettings:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
     lr: float = 2e-4
+    lr_schedule: str = "linear"
     train_data: str = "self"
     train_samples: int = 256
     train_seqlen: int = 256
@@ -191,6 +195,7 @@ class AdapterSettings:
                   f"<= --rank-cap ({self.rank_cap})")
             _need(self.train_samples >= self.steps, f"--train-samples ({self.train_samples}) must be at least "
                   f"--steps ({self.steps}): every step trains on its own slice")
+        _one_of(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
         _one_of(self.objective, OBJECTIVES, "--objective")
         _one_of(self.mask_method, MASK_METHODS, "--mask-method")
         _need(self.train_samples >= 1 and self.train_seqlen > 1 and self.batch_size >= 1,

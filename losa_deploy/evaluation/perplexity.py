@@ -65,7 +65,12 @@ def perplexity(
 
     from ..progress import make_progress
 
-    cols = (TextColumn("perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total} windows"), TimeRemainingColumn())
+    cols = (
+        TextColumn("perplexity"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} windows"),
+        TimeRemainingColumn(),
+    )
     with make_progress(*cols, disable=not progress, transient=True) as prog:
         task = prog.add_task("perplexity", total=n)
         for b in range(0, n, batch_size):
@@ -74,7 +79,9 @@ def perplexity(
             logits = model(input_ids=batch, use_cache=False).logits
             shift = logits[:, :-1, :].float()
             labels = batch[:, 1:]
-            loss = torch.nn.functional.cross_entropy(shift.reshape(-1, shift.size(-1)), labels.reshape(-1), reduction="none")
+            loss = torch.nn.functional.cross_entropy(
+                shift.reshape(-1, shift.size(-1)), labels.reshape(-1), reduction="none"
+            )
             # mean per window, times seqlen: the references' convention
             nll_sum += float(loss.view(nb, -1).mean(dim=1).sum()) * seqlen
             prog.update(task, advance=nb)

@@ -1,10 +1,11 @@
 """Zero-shot accuracy through lm-evaluation-harness, on local copies of the benchmarks or on any harness task.
 
-Scoring is the harness's own (METHODS §5): log-likelihood of each choice after the prompt, `acc` = argmax of the summed
-log-likelihood, `acc_norm` = argmax of log-likelihood per character of the choice. We never re-implement that: local files are
-converted to the schema of the harness's dataset (tasks/loaders.py) and evaluated with YAMLs (losa_deploy/tasks/*.yaml)
-that copy the harness's prompts, choices and targets. Those local tasks are named `local_<task>` inside the harness so
-they never clash with its own, and are reported under the user's name (`piqa`, `arc_easy`, ...).
+Scoring is the harness's own (METHODS §5): log-likelihood of each choice after the prompt, `acc` = argmax of the
+summed log-likelihood, `acc_norm` = argmax of log-likelihood per character of the choice. We never re-implement that:
+local files are converted to the schema of the harness's dataset (tasks/loaders.py) and evaluated with YAMLs
+(losa_deploy/tasks/*.yaml) that copy the harness's prompts, choices and targets. Those local tasks are named
+`local_<task>` inside the harness so they never clash with its own, and are reported under the user's name (`piqa`,
+`arc_easy`, ...).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class _RichTqdm:
 
     enabled = True
 
-    def __init__(self, iterable: Any = None, total: int | None = None, desc: str | None = None, disable: bool = False, **_: Any):
+    def __init__(
+        self, iterable: Any = None, total: int | None = None, desc: str | None = None, disable: bool = False, **_: Any
+    ):
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         from ..console import err
@@ -247,7 +250,9 @@ def evaluate_zeroshot(
                             f"--task-data NAME=PATH with NAME one of {local_hint}")
         grouped = [n for n in online if tm.task_index[n].get("type") not in ("task", "python_task")]
         if grouped:
-            raise UserError(f"'{grouped[0]}' is a harness group or tag, not one task; list its tasks one by one in --tasks")
+            raise UserError(
+                f"'{grouped[0]}' is a harness group or tag, not one task; list its tasks one by one in --tasks"
+            )
         try:
             with _harness_io(progress, "zero-shot " + ",".join(tasks)), _datasets_offline(not online):
                 lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -256,8 +261,10 @@ def evaluate_zeroshot(
             raise
         except (FileNotFoundError, ConnectionError, OSError) as e:
             if online:
-                raise UserError(f"could not load harness task data for {', '.join(online)} ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]}); offline, use local files with --task-data NAME=PATH") from None
+                raise UserError(
+                    f"could not load harness task data for {', '.join(online)} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); offline, use local files with --task-data NAME=PATH"
+                ) from None
             raise
     if res is None:  # the harness returns None on non-zero ranks only
         raise RuntimeError("lm-evaluation-harness returned no results")

@@ -1,4 +1,4 @@
-"""ctypes binding of the sparse-cpu kernel library (csrc/spkernels.h): load it, mirror sp_matrix, NumPy wrappers.
+"""ctypes binding of the sparse-cpu kernel library (csrc/spkernels.h): load it, declare its calls, NumPy wrappers.
 
 Why ctypes: no extension module to compile against Python's headers; the library is a plain C ABI that the
 whole-model executor links the same way. The wrappers check shapes and dtypes (a wrong one is a UserError) and keep
@@ -11,18 +11,16 @@ import ctypes
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import UserError
-
-if TYPE_CHECKING:
-    from .pack import PackedMatrix
+from .abi import SpMatrix
+from .pack import PackedMatrix
 
 ISAS = ("portable", "avx2", "avx512")
 ISA_CODES = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2}
-KINDS = {"dense": 0, "bitmask": 1, "nm": 2}
 ERRORS = {
     -1: "a NULL pointer or an empty batch",
     -2: "unknown matrix kind",
@@ -31,22 +29,6 @@ ERRORS = {
     -5: "values dtype not supported",
     -6: "out of memory",
 }
-
-
-class SpMatrix(ctypes.Structure):
-    """Mirror of `sp_matrix` in spkernels.h (field order and types must match)."""
-
-    _fields_ = [
-        ("rows", ctypes.c_int64),
-        ("cols", ctypes.c_int64),
-        ("kind", ctypes.c_int32),
-        ("dtype", ctypes.c_int32),
-        ("n", ctypes.c_int32),
-        ("m", ctypes.c_int32),
-        ("masks", ctypes.c_void_p),
-        ("row_ptr", ctypes.c_void_p),
-        ("values", ctypes.c_void_p),
-    ]
 
 
 _lock = threading.Lock()
@@ -82,12 +64,12 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def load(path: str | Path | None = None) -> ctypes.CDLL:
-    """The library, built on first use (see build.py). One instance per process."""
+    """The library, built on first use (see toolchain.py). One instance per process."""
     global _lib
     with _lock:
         if _lib is None:
             if path is None:
-                from .build import build
+                from .toolchain import build
 
                 path = build()
             try:
@@ -162,7 +144,7 @@ def _vector(x: np.ndarray, n: int, what: str) -> np.ndarray:
     return x
 
 
-def gemv(w: "PackedMatrix", x: np.ndarray) -> np.ndarray:
+def gemv(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
     """y = W x for one input vector (decode)."""
     lib = load()
     x = _vector(x, w.cols, "gemv input")
@@ -172,7 +154,7 @@ def gemv(w: "PackedMatrix", x: np.ndarray) -> np.ndarray:
     return y
 
 
-def gemm(w: "PackedMatrix", x: np.ndarray) -> np.ndarray:
+def gemm(w: PackedMatrix, x: np.ndarray) -> np.ndarray:
     """Y = X W^T for X of shape [T, cols] (prefill); returns [T, rows]."""
     lib = load()
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -184,14 +166,14 @@ def gemm(w: "PackedMatrix", x: np.ndarray) -> np.ndarray:
     return y
 
 
-def _batch_args(ws: Sequence["PackedMatrix"], outs: list[np.ndarray]):
+def _batch_args(ws: Sequence[PackedMatrix], outs: list[np.ndarray]):
     structs = [w.struct() for w in ws]
     sp = (ctypes.POINTER(SpMatrix) * len(ws))(*[ctypes.pointer(s) for s in structs])
     yp = (ctypes.c_void_p * len(ws))(*[_ptr(o) for o in outs])
     return structs, sp, yp
 
 
-def gemv_batch(ws: Sequence["PackedMatrix"], x: np.ndarray) -> list[np.ndarray]:
+def gemv_batch(ws: Sequence[PackedMatrix], x: np.ndarray) -> list[np.ndarray]:
     """[W_i x] for matrices sharing the input, in one parallel dispatch."""
     lib = load()
     if not ws:
@@ -203,7 +185,7 @@ def gemv_batch(ws: Sequence["PackedMatrix"], x: np.ndarray) -> list[np.ndarray]:
     return outs
 
 
-def gemm_batch(ws: Sequence["PackedMatrix"], x: np.ndarray) -> list[np.ndarray]:
+def gemm_batch(ws: Sequence[PackedMatrix], x: np.ndarray) -> list[np.ndarray]:
     """[X W_i^T] for matrices sharing the input [T, cols], in one parallel dispatch."""
     lib = load()
     if not ws:
@@ -222,7 +204,7 @@ class CallSequence:
 
     Holds the ctypes arrays so that `run()` costs one foreign call however many matrices there are."""
 
-    def __init__(self, ws: Sequence["PackedMatrix"], x: np.ndarray) -> None:
+    def __init__(self, ws: Sequence[PackedMatrix], x: np.ndarray) -> None:
         self.lib = load()
         self.ws = list(ws)
         self.x = np.ascontiguousarray(x, dtype=np.float32)

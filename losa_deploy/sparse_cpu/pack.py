@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .abi import KINDS, SpMatrix
 
 VALUE_PAD = 16  # zero floats after the last value: harmless, and lets a kernel load 16 at a time anywhere
 
@@ -53,8 +54,6 @@ class PackedMatrix:
     def struct(self):
         """The ctypes `sp_matrix` pointing into this object's arrays (valid while the object lives)."""
         if self._struct is None:
-            from ._lib import KINDS, SpMatrix
-
             s = SpMatrix()
             s.rows, s.cols, s.kind, s.dtype, s.n, s.m = self.rows, self.cols, KINDS[self.kind], 0, self.n, self.m
             s.values = self.values.ctypes.data

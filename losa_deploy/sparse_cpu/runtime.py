@@ -21,26 +21,19 @@ import numpy as np
 
 from losa_deploy.errors import UserError
 
+from .abi import KINDS, SpMatrix
+
 WEIGHTS_FILE = "model.sparse.safetensors"
 FORMAT = "sparse-cpu"
 LAYOUT_KEY = "losa_sparse_cpu_layout"
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # static inverse frequencies (+ attention factor for yarn)
-KIND_CODES = {"dense": 0, "bitmask": 1, "nm": 2}
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 LM_HEAD_MODES = ("auto", "c", "torch")
 
 
 # ------------------------------------------------------------------------------------------------ ctypes
-class SpMatrix(C.Structure):
-    """Mirror of sp_matrix in spkernels.h."""
-
-    _fields_ = [("rows", C.c_int64), ("cols", C.c_int64), ("kind", C.c_int32), ("dtype", C.c_int32),
-                ("n", C.c_int32), ("m", C.c_int32), ("masks", C.c_void_p), ("row_ptr", C.c_void_p),
-                ("values", C.c_void_p)]
-
-
 class SpxLayer(C.Structure):
     """Mirror of spx_layer in executor.h."""
 
@@ -68,7 +61,7 @@ _LIB: Any = None
 
 
 def clib() -> Any:
-    """The compiled kernel + executor library (built by sparse_cpu.build through sparse_cpu._lib), typed once."""
+    """The compiled kernel + executor library (built by sparse_cpu.toolchain through sparse_cpu._lib), typed once."""
     global _LIB
     if _LIB is not None:
         return _LIB
@@ -416,7 +409,7 @@ class SparseCpuRunner:
 
     def _matrix(self, arrs: dict[str, np.ndarray], kind: str, rows: int, cols: int, n: int = 0,
                 m: int = 0) -> SpMatrix:
-        mat = SpMatrix(rows=rows, cols=cols, kind=KIND_CODES[kind], dtype=0, n=n, m=m)
+        mat = SpMatrix(rows=rows, cols=cols, kind=KINDS[kind], dtype=0, n=n, m=m)
         if kind == "dense":
             mat.values = _ptr(self._f32(arrs["weight"]))
         else:
@@ -505,12 +498,11 @@ class SparseCpuRunner:
         self.pos = 0  # cache rows past pos are never read
 
     def prefill(self, ids: Any) -> np.ndarray:
-        from losa_deploy.graph_contract import as_ids as _as_ids
+        from losa_deploy.graph_contract import as_ids as _as_ids, check_prompt_fits
 
         a = _as_ids(ids)
         P = a.shape[1]
-        if P > self.max_len - 1:
-            raise UserError(f"prompt of {P} tokens does not fit max_len={self.max_len}; use a larger --max-len")
+        check_prompt_fits(P, self.max_len)
         self.reset()
         out = np.empty((1, P, self.vocab), np.float32)
         for s in range(0, P, self.prefill_len):

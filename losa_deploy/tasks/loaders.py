@@ -54,7 +54,9 @@ def _jsonl(p: Path, task: str, limit: int | None) -> list[tuple[int, dict]]:
             try:
                 out.append((no, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise UserError(f"{task}: '{p}' line {no} is not valid JSON ({e.msg}); expected one JSON object per line") from None
+                raise UserError(
+                    f"{task}: '{p}' line {no} is not valid JSON ({e.msg}); expected one JSON object per line"
+                ) from None
             if limit is not None and len(out) >= limit:
                 break
     for no, d in out:
@@ -164,9 +166,17 @@ def load_boolq(path: str | Path, limit: int | None = None) -> list[Row]:
         lab = d.get("label", d.get("answer"))
         s = str(lab).strip().lower()
         if s not in _TRUE | _FALSE:
-            raise UserError(f"boolq: '{p}' line {no}: label '{lab}' is not true/false (unlabelled test files cannot be scored)")
-        out.append({"question": _str(d["question"], p, no, task, "question"), "passage": _str(d["passage"], p, no, task, "passage"),
-                    "idx": d.get("idx", no - 1), "label": 1 if s in _TRUE else 0})
+            raise UserError(
+                f"boolq: '{p}' line {no}: label '{lab}' is not true/false (unlabelled test files cannot be scored)"
+            )
+        out.append(
+            {
+                "question": _str(d["question"], p, no, task, "question"),
+                "passage": _str(d["passage"], p, no, task, "passage"),
+                "idx": d.get("idx", no - 1),
+                "label": 1 if s in _TRUE else 0,
+            }
+        )
     return out
 
 
@@ -204,16 +214,22 @@ def load_hellaswag(path: str | Path, limit: int | None = None) -> list[Row]:
         out = []
         for no, d in _jsonl(p, task, limit):
             _need(d, ("activity_label", "ctx_a", "ctx_b", "endings", "label"), p, no, task, "HellaSwag JSONL")
-            if not isinstance(d["endings"], list) or str(d["label"]).strip() not in {str(i) for i in range(len(d["endings"]))}:
+            if not isinstance(d["endings"], list) or str(d["label"]).strip() not in {
+                str(i) for i in range(len(d["endings"]))
+            }:
                 raise UserError(f"hellaswag: '{p}' line {no}: label must index 'endings'")
-            out.append({k: d[k] for k in ("activity_label", "ctx_a", "ctx_b", "endings")} | {"label": str(d["label"]).strip()})
+            out.append(
+                {k: d[k] for k in ("activity_label", "ctx_a", "ctx_b", "endings")} | {"label": str(d["label"]).strip()}
+            )
         return out
     lines = text.split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) % 6:
-        raise UserError(f"hellaswag: '{p}' has {len(lines)} lines, not a multiple of 6; expected per item a context line, "
-                        "the gold index (0-3) and four ending lines")
+        raise UserError(
+            f"hellaswag: '{p}' has {len(lines)} lines, not a multiple of 6; expected per item a context line, "
+            "the gold index (0-3) and four ending lines"
+        )
     out = []
     for i in range(0, len(lines), 6):
         if limit is not None and len(out) >= limit:
@@ -233,13 +249,18 @@ def load_winogrande(path: str | Path, limit: int | None = None) -> list[Row]:
     p = _path(path, task)
     out = []
     for no, d in _jsonl(p, task, limit):
-        _need(d, ("sentence", "option1", "option2", "answer"), p, no, task, "JSONL {sentence, option1, option2, answer}")
+        _need(
+            d, ("sentence", "option1", "option2", "answer"), p, no, task, "JSONL {sentence, option1, option2, answer}"
+        )
         s = _str(d["sentence"], p, no, task, "sentence")
         if s.count("_") < 1:
             raise UserError(f"winogrande: '{p}' line {no}: the sentence has no '_' blank")
         ans = str(d["answer"]).strip()
         if ans not in ("1", "2"):
-            raise UserError(f"winogrande: '{p}' line {no}: answer '{d['answer']}' is not 1 or 2 (unlabelled test files cannot be scored)")
+            raise UserError(
+                f"winogrande: '{p}' line {no}: answer '{d['answer']}' is not 1 or 2 "
+                "(unlabelled test files cannot be scored)"
+            )
         out.append({"sentence": s, "option1": str(d["option1"]), "option2": str(d["option2"]), "answer": ans})
     return out
 
@@ -270,7 +291,9 @@ def load_rte(path: str | Path, limit: int | None = None) -> list[Row]:
         reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
         if not header or not {"sentence1", "sentence2", "label"} <= {h.strip() for h in header}:
-            raise UserError(f"rte: '{p}' needs a tab-separated header with sentence1, sentence2 and label (GLUE RTE TSV)")
+            raise UserError(
+                f"rte: '{p}' needs a tab-separated header with sentence1, sentence2 and label (GLUE RTE TSV)"
+            )
         col = {h.strip(): i for i, h in enumerate(header)}
         for no, rec in enumerate(reader, 2):
             if not any(x.strip() for x in rec):
@@ -278,11 +301,15 @@ def load_rte(path: str | Path, limit: int | None = None) -> list[Row]:
             if limit is not None and len(out) >= limit:
                 break
             if len(rec) < len(header):
-                raise UserError(f"rte: '{p}' line {no} has {len(rec)} tab-separated fields, the header has {len(header)}")
+                raise UserError(
+                    f"rte: '{p}' line {no} has {len(rec)} tab-separated fields, the header has {len(header)}"
+                )
             lab = _RTE.get(rec[col["label"]].strip().lower())
             if lab is None:
-                raise UserError(f"rte: '{p}' line {no}: label '{rec[col['label']]}' is not entailment/not_entailment/0/1 "
-                                "(unlabelled test files cannot be scored)")
+                raise UserError(
+                    f"rte: '{p}' line {no}: label '{rec[col['label']]}' is not entailment/not_entailment/0/1 "
+                    "(unlabelled test files cannot be scored)"
+                )
             out.append({"sentence1": rec[col["sentence1"]], "sentence2": rec[col["sentence2"]], "label": lab})
         if not out:
             raise UserError(f"rte: '{p}' has no items")

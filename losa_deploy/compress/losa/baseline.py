@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from ..methods import MethodInputs, MethodResult, PassResult, prune_pass
 from .adapter import AdapterSet, attach_adapters, check_zero_pattern, merge_into
-from .setup import TrainingSetup, calibration_or_default, mean_sparsity, prepare_training, training_record
+from .setup import (TrainingSetup, calibration_or_default, mean_sparsity, optimizer_record, prepare_training,
+                    training_record)
 from .train import batches, make_optimizer, num_batches, train_slice
 
 VARIANT = "dense-lora"
@@ -57,7 +58,7 @@ def run_dense_lora(inputs: MethodInputs) -> MethodResult:
         "passes": [_pass_record(first, "prune"), _pass_record(final, "re-prune")],
         "sparsity": _sparsity_record(S, sparsity_pruned, sparsity_merged, masks, first.prune.masks),
         "steps_T": 1, "rank": rank, "rank_allocation": "uniform",
-        **training_record(inputs, setup, adapters, total_updates),
+        **training_record(inputs, setup, adapters, optimizer_record(inputs.recipe.adapters.lr, total_updates)),
         "loss_curve": losses, "train_loss_mean": (sum(losses) / len(losses)) if losses else None,
         "kept_weights_exactly_zero": kept_zero,
         "timings": {**timings, "total_s": time.perf_counter() - t_all},

@@ -25,7 +25,8 @@ from ..recipe import UNSTRUCTURED
 from .adapter import AdapterSet, attach_adapters, check_zero_pattern, merge_into, set_rank, unmerge_from
 from .ranks import allocate_ranks, uniform_ranks
 from .schedule import rank_schedule, sparsity_schedule
-from .setup import TrainingSetup, calibration_or_default, mean_sparsity, prepare_training, training_record
+from .setup import (TrainingSetup, calibration_or_default, mean_sparsity, optimizer_record, prepare_training,
+                    training_record)
 from .state import STATE_FILE, load_state, recipe_fingerprint, rng_state, save_state, set_rng_state
 from .train import batches, make_optimizer, num_batches, reset_inactive_state, split_slices, train_slice
 
@@ -69,11 +70,17 @@ class _LosaRun:
         self.setup: TrainingSetup = prepare_training(inputs)
         self.slices = split_slices(len(self.setup.samples), self.T)
         self.total_updates = sum(num_batches(e - s, self.a.batch_size) for s, e in self.slices)
+        # wsd: the peak lr holds until the last step, which then decays to 0 (the final sparsity gets full-size
+        # updates)
+        last_slice = self.slices[-1][1] - self.slices[-1][0]
+        self.decay_from = (self.total_updates - num_batches(last_slice, self.a.batch_size)
+                           if self.a.lr_schedule == "wsd" else None)
+        self.dense_outputs: dict[int, Tensor] = {}  # the dense reference on calib_ids, the same at every step
         self.allocator = inputs.allocator()
         self.adapters: AdapterSet = attach_adapters(self.setup.linears, self.a.rank_cap, self.a.lora_alpha,
                                                     self.a.lora_dropout, seed=recipe.calibration.seed)
         self.params = list(self.adapters.parameters())
-        self.opt, self.sched = make_optimizer(self.params, self.a.lr, self.total_updates)
+        self.opt, self.sched = make_optimizer(self.params, self.a.lr, self.total_updates, decay_from=self.decay_from)
         self.history: list[dict[str, Any]] = []
         self.losses: list[float] = []
         self.start, self.resumed_from = 1, None
@@ -130,7 +137,7 @@ class _LosaRun:
         """Intermediate steps prune unstructured at S_t; the last step applies the recipe's pattern."""
         pattern = self.inputs.recipe.prune.pattern if t == self.T else UNSTRUCTURED
         done = prune_pass(self.inputs, self.allocator, self.targets[t - 1], method=self.a.mask_method,
-                          pattern=pattern, dense_state=self.setup.dense_state)
+                          pattern=pattern, dense_state=self.setup.dense_state, dense_outputs=self.dense_outputs)
         self.last_prune = done.prune
         return done
 
@@ -251,7 +258,9 @@ class _LosaRun:
         return {
             "steps": self.history,
             "schedule": {"sparsity": self.targets, "omega": self.omegas, "rank_cap": int(self.a.rank_cap)},
-            **training_record(self.inputs, self.setup, self.adapters, self.total_updates),
+            **training_record(self.inputs, self.setup, self.adapters,
+                              optimizer_record(self.a.lr, self.total_updates, self.a.lr_schedule,
+                                               decay_from=self.decay_from)),
             "atp_beta": atp,
             "rank_allocation": "uniform" if self.a.uniform_ranks else "reconstruction-error",
             "loss_curve": self.losses, "final_ranks": ranks,

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from ... import data  # as a module: tests substitute its sampler
 from ...model_parts import prunable_linears
+from ...precision import bf16_autocast_supported
 from ..methods import MethodInputs
 from .adapter import AdapterSet
-from .train import TrainSample, bf16_autocast_supported, build_train_samples
+from .train import TrainSample, build_train_samples
 
 
 def calibration_or_default(inputs: MethodInputs) -> Tensor:
@@ -60,16 +61,20 @@ def prepare_training(inputs: MethodInputs) -> TrainingSetup:
                          bf16_autocast_supported(inputs.device))
 
 
+def optimizer_record(lr: float, total_updates: int, schedule: str = "linear", **extra: Any) -> dict[str, Any]:
+    """The manifest's description of `train.make_optimizer`'s optimiser and schedule."""
+    return {"name": "AdamW", "lr": lr, "weight_decay": 0.0, "warmup": 0.3, "schedule": schedule, **extra,
+            "total_steps": total_updates, "max_grad_norm": 1.0}
+
+
 def training_record(inputs: MethodInputs, setup: TrainingSetup, adapters: AdapterSet,
-                    total_updates: int) -> dict[str, Any]:
+                    optimizer: dict[str, Any]) -> dict[str, Any]:
     """The manifest keys both adapter methods report about their training (same names as before)."""
     a = inputs.recipe.adapters
     return {
         "objective": a.objective, "mask_method": a.mask_method, "allocation": inputs.recipe.rates.allocation,
         "train_data": a.train_data, "train_samples": len(setup.samples), "train_seqlen": a.train_seqlen,
-        "batch_size": a.batch_size,
-        "optimizer": {"name": "AdamW", "lr": a.lr, "weight_decay": 0.0, "warmup": 0.3, "schedule": "linear",
-                      "total_steps": total_updates, "max_grad_norm": 1.0},
+        "batch_size": a.batch_size, "optimizer": optimizer,
         "alpha": a.lora_alpha, "dropout": a.lora_dropout, "adapter_form": adapters.form,
         "autocast": "bfloat16" if setup.use_bf16 else None, "teacher_dtype": setup.teacher_dtype,
     }

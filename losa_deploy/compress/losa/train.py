@@ -6,11 +6,9 @@ warmup(0.3)+linear-decay schedule span all T steps, and each step trains on its 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -18,6 +16,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from ...errors import UserError
+from ...precision import autocast_ctx
 
 IGNORE = -100
 
@@ -39,7 +38,7 @@ def build_train_samples(tokenizer: Any, spec: str, nsamples: int, seqlen: int, s
     from ...data import SELF, calibration_ids, load_records
 
     if spec == SELF:
-        ids = calibration_ids(tokenizer, SELF, nsamples, seqlen, seed=seed + 7919, model=model)
+        ids = calibration_ids(tokenizer, SELF, nsamples, seqlen, seed=self_train_seed(seed), model=model)
         return [TrainSample(r.clone(), r.clone()) for r in ids]
     records = load_records(spec)
     if any(r.prompt for r in records):
@@ -67,6 +66,11 @@ def build_train_samples(tokenizer: Any, spec: str, nsamples: int, seqlen: int, s
         )
     ids = calibration_ids(tokenizer, spec, nsamples, seqlen, seed=seed + 7919)
     return [TrainSample(r.clone(), r.clone()) for r in ids]
+
+
+def self_train_seed(seed: int) -> int:
+    """The seed of the self-generated training text: another draw than the calibration text of the same seed."""
+    return seed + 7919
 
 
 def split_slices(n: int, parts: int) -> list[tuple[int, int]]:
@@ -100,15 +104,23 @@ def num_batches(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size) if n > 0 else 0
 
 
-def make_optimizer(params: Sequence[nn.Parameter], lr: float, total_steps: int, warmup: float = 0.3):
-    """AdamW (no weight decay: inactive rank slices must stay exactly where they are) + warmup/linear decay."""
+def make_optimizer(params: Sequence[nn.Parameter], lr: float, total_steps: int, warmup: float = 0.3,
+                   decay_from: int | None = None):
+    """AdamW (no weight decay: inactive rank slices must stay exactly where they are) + warmup/linear decay.
+
+    `decay_from`: the update at which the linear decay to 0 starts; the lr holds at its peak from the end of the
+    warmup until then (warmup-stable-decay). None: the decay starts right after the warmup.
+    """
     opt = torch.optim.AdamW(list(params), lr=lr, weight_decay=0.0)
     warm = max(1, int(round(warmup * total_steps))) if total_steps > 0 else 1
+    start = warm if decay_from is None else max(warm, int(decay_from))
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+        if step < start:
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - start))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return opt, sched
@@ -127,33 +139,6 @@ def reset_inactive_state(opt: torch.optim.Optimizer, A: nn.Parameter, B: nn.Para
         for key in ("exp_avg", "exp_avg_sq"):
             if key in st:
                 st[key][sl] = 0
-
-
-def bf16_autocast_supported(device: str) -> bool:
-    """bf16 autocast only where the hardware computes bf16 natively (emulated bf16 on CPU is slower than fp32)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if dev.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    if not ({"avx512_bf16", "amx_bf16"} & set(flags)):
-        return False
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = torch.ones(4, 4) @ torch.ones(4, 4)
-        return y.dtype == torch.bfloat16
-    except Exception:
-        return False
-
-
-def autocast_ctx(device: str, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, valid: Tensor) -> Tensor:

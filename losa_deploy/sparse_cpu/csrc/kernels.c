@@ -40,23 +40,28 @@ static inline int64_t groups_of(const sp_matrix *w) { return (w->cols + 15) / 16
 /* ------------------------------------------------------------------------------------------------------------ */
 /* thread-local scratch of the calling thread (padded x, transposed X)                                          */
 
-static __thread float *tl_buf;
-static __thread size_t tl_cap;
-
-static float *scratch(size_t nfloats) {
-    if (nfloats > tl_cap) {
-        free(tl_buf);
-        size_t cap = nfloats + nfloats / 4 + 64;
+/* *buf, 64-byte aligned, grown (a quarter plus `slack` bytes ahead) to hold at least `bytes`; NULL: out of memory */
+static void *grow_scratch(void **buf, size_t *cap, size_t bytes, size_t slack) {
+    if (bytes > *cap) {
+        free(*buf);
+        size_t want = bytes + bytes / 4 + slack;
         void *p = NULL;
-        if (posix_memalign(&p, 64, cap * sizeof(float)) != 0) {
-            tl_buf = NULL;
-            tl_cap = 0;
+        if (posix_memalign(&p, 64, want) != 0) {
+            *buf = NULL;
+            *cap = 0;
             return NULL;
         }
-        tl_buf = p;
-        tl_cap = cap;
+        *buf = p;
+        *cap = want;
     }
-    return tl_buf;
+    return *buf;
+}
+
+static __thread void *tl_buf;
+static __thread size_t tl_cap; /* bytes */
+
+static float *scratch(size_t nfloats) {
+    return grow_scratch(&tl_buf, &tl_cap, nfloats * sizeof(float), 64 * sizeof(float));
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
@@ -330,6 +335,17 @@ AVX512_ATTR static void gemv_dense_avx512(const sp_matrix *w, const float *x, fl
     }
 }
 
+/* The row-block kernels below keep RI rows in flight: value pointers v[i] from the row pointers rp, accumulators
+ * a[i], and at the end y[i] from a[i] through the canonical tree. */
+#define GEMV_ROWS_START(RI)                                                                                         \
+    const float *v[RI];                                                                                             \
+    __m512 a[RI];                                                                                                   \
+    for (int i = 0; i < RI; i++) {                                                                                  \
+        v[i] = V + rp[i];                                                                                           \
+        a[i] = _mm512_setzero_ps();                                                                                 \
+    }
+#define GEMV_ROWS_STORE(RI) for (int i = 0; i < RI; i++) y[i] = tree16_avx512(a[i]);
+
 /* RI rows at once, each with its own value pointer: RI independent popcount/pointer chains and RI streams in
  * flight hide both the expand latency and the memory latency (measured on the 2-core Sapphire Rapids VM, one
  * thread, 4096x4096 at 70%, out of cache: 4 rows 9.7 GB/s, 8 rows 11.8, 16 rows 12.2). The mask goes straight from
@@ -339,12 +355,7 @@ AVX512_ATTR static void gemv_dense_avx512(const sp_matrix *w, const float *x, fl
     AVX512_ATTR static inline void gemv_sparse_avx512_##RI(const uint16_t *m0, int64_t G, const float *V,          \
                                                            const int64_t *rp, const float *x, float *y,            \
                                                            const char *pf, int64_t pf_step) {                      \
-        const float *v[RI];                                                                                        \
-        __m512 a[RI];                                                                                              \
-        for (int i = 0; i < RI; i++) {                                                                             \
-            v[i] = V + rp[i];                                                                                      \
-            a[i] = _mm512_setzero_ps();                                                                            \
-        }                                                                                                          \
+        GEMV_ROWS_START(RI)                                                                                        \
         for (int64_t g = 0; g < G; g++) {                                                                          \
             __m512 xv = _mm512_load_ps(x + 16 * g);                                                                \
             if (GEMV_PF && pf) {                                                                                   \
@@ -357,7 +368,7 @@ AVX512_ATTR static void gemv_dense_avx512(const sp_matrix *w, const float *x, fl
                 v[i] += __builtin_popcount(*mp);                                                                   \
             }                                                                                                      \
         }                                                                                                          \
-        for (int i = 0; i < RI; i++) y[i] = tree16_avx512(a[i]);                                                   \
+        GEMV_ROWS_STORE(RI)                                                                                        \
     }
 SPARSE_GEMV_ROWS(16)
 SPARSE_GEMV_ROWS(1)
@@ -367,12 +378,7 @@ SPARSE_GEMV_ROWS(1)
 #define NM_GEMV_ROWS(RI)                                                                                            \
     AVX512_ATTR static inline void gemv_nm_avx512_##RI(const uint16_t *m0, int64_t G, const float *V,              \
                                                        const int64_t *rp, int64_t per, const float *x, float *y) {  \
-        const float *v[RI];                                                                                        \
-        __m512 a[RI];                                                                                              \
-        for (int i = 0; i < RI; i++) {                                                                             \
-            v[i] = V + rp[i];                                                                                      \
-            a[i] = _mm512_setzero_ps();                                                                            \
-        }                                                                                                          \
+        GEMV_ROWS_START(RI)                                                                                        \
         for (int64_t g = 0; g < G; g++) {                                                                          \
             __m512 xv = _mm512_load_ps(x + 16 * g);                                                                \
             _Pragma("GCC unroll 16") for (int i = 0; i < RI; i++) {                                                \
@@ -380,7 +386,7 @@ SPARSE_GEMV_ROWS(1)
                 a[i] = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k, v[i] + g * per), xv, a[i]);                  \
             }                                                                                                      \
         }                                                                                                          \
-        for (int i = 0; i < RI; i++) y[i] = tree16_avx512(a[i]);                                                   \
+        GEMV_ROWS_STORE(RI)                                                                                        \
     }
 NM_GEMV_ROWS(16)
 NM_GEMV_ROWS(1)
@@ -432,21 +438,7 @@ AVX512_ATTR static void gemv_sparse_avx512(const sp_matrix *w, const float *x, f
 static __thread void *tl_buf2;
 static __thread size_t tl_cap2;
 
-static void *scratch2(size_t bytes) {
-    if (bytes > tl_cap2) {
-        free(tl_buf2);
-        size_t cap = bytes + bytes / 4 + 256;
-        void *p = NULL;
-        if (posix_memalign(&p, 64, cap) != 0) {
-            tl_buf2 = NULL;
-            tl_cap2 = 0;
-            return NULL;
-        }
-        tl_buf2 = p;
-        tl_cap2 = cap;
-    }
-    return tl_buf2;
-}
+static void *scratch2(size_t bytes) { return grow_scratch(&tl_buf2, &tl_cap2, bytes, 256); }
 
 /* Yt[r - r0][t] (row stride ld) -> y[(t0 + t) * rows + r] for t < nt, in 16 x 16 blocks */
 static void untranspose_ld(const float *yt, int64_t ld, int64_t r0, int64_t r1, int64_t nt, int64_t t0, float *y,
@@ -684,25 +676,22 @@ const char *sp_isa_name(int isa) {
     }
 }
 
-static gemv_fn pick_gemv(int isa, int kind) {
-    int sparse = kind != SP_DENSE;
+/* KERNELS(op)[isa][sparse]: the kernel of each instruction set (g_isa is always one of the three) for dense and for
+ * bitmask / N:M matrices; without x86 every row is the portable pair. */
 #if SP_X86
-    if (isa == SP_ISA_AVX512) return sparse ? gemv_sparse_avx512 : gemv_dense_avx512;
-    if (isa == SP_ISA_AVX2) return sparse ? gemv_sparse_avx2 : gemv_dense_avx2;
+#define KERNELS(OP)                                                                                                 \
+    {{OP##_dense_portable, OP##_sparse_portable}, {OP##_dense_avx2, OP##_sparse_avx2},                              \
+     {OP##_dense_avx512, OP##_sparse_avx512}}
+#else
+#define KERNELS(OP)                                                                                                 \
+    {{OP##_dense_portable, OP##_sparse_portable}, {OP##_dense_portable, OP##_sparse_portable},                      \
+     {OP##_dense_portable, OP##_sparse_portable}}
 #endif
-    (void)isa;
-    return sparse ? gemv_sparse_portable : gemv_dense_portable;
-}
+static const gemv_fn gemv_kernels[3][2] = KERNELS(gemv);
+static const gemm_fn gemm_kernels[3][2] = KERNELS(gemm);
 
-static gemm_fn pick_gemm(int isa, int kind) {
-    int sparse = kind != SP_DENSE;
-#if SP_X86
-    if (isa == SP_ISA_AVX512) return sparse ? gemm_sparse_avx512 : gemm_dense_avx512;
-    if (isa == SP_ISA_AVX2) return sparse ? gemm_sparse_avx2 : gemm_dense_avx2;
-#endif
-    (void)isa;
-    return sparse ? gemm_sparse_portable : gemm_dense_portable;
-}
+static gemv_fn pick_gemv(int isa, int kind) { return gemv_kernels[isa][kind != SP_DENSE]; }
+static gemm_fn pick_gemm(int isa, int kind) { return gemm_kernels[isa][kind != SP_DENSE]; }
 
 void sp_set_threads(int n) { sp_pool_set_threads(n); }
 int sp_get_threads(void) { return sp_pool_threads(); }
@@ -813,6 +802,25 @@ static int nparts_for(double bytes, double min_bytes) {
     return np > MAX_PARTS ? MAX_PARTS : np;
 }
 
+/* One batch of products (gemv: T = 1) on the pool, in parts balanced by weight bytes times tokens. */
+static void run_batch(int n, const sp_matrix *const *w, const float *x, const float *xt, int64_t T, float *const *y,
+                      int gemm) {
+    job_t j;
+    j.nmat = n;
+    j.w = w;
+    j.y = y;
+    j.x = x;
+    j.xt = xt;
+    j.T = T;
+    j.isa = g_isa;
+    j.gemm = gemm;
+    double total = 0.0;
+    for (int i = 0; i < n; i++) total += cost_upto(w[i], w[i]->rows);
+    int np = nparts_for(total * (double)T, MIN_PAR_BYTES);
+    split(&j, np, total);
+    sp_pool_run(run_part, &j, np);
+}
+
 int sp_gemv_batch(int n, const sp_matrix *const *w, const float *x, float *const *y) {
     int rc = check_batch(n, w, x, y);
     if (rc) return rc;
@@ -821,20 +829,7 @@ int sp_gemv_batch(int n, const sp_matrix *const *w, const float *x, float *const
     if (!xp) return SP_ENOMEM;
     memcpy(xp, x, (size_t)cols * sizeof(float));
     memset(xp + cols, 0, (size_t)(kpad - cols) * sizeof(float));
-    job_t j;
-    j.nmat = n;
-    j.w = w;
-    j.y = y;
-    j.x = xp;
-    j.xt = NULL;
-    j.T = 1;
-    j.isa = g_isa;
-    j.gemm = 0;
-    double total = 0.0;
-    for (int i = 0; i < n; i++) total += cost_upto(w[i], w[i]->rows);
-    int np = nparts_for(total, MIN_PAR_BYTES);
-    split(&j, np, total);
-    sp_pool_run(run_part, &j, np);
+    run_batch(n, w, xp, NULL, 1, y, 0);
     return 0;
 }
 
@@ -909,15 +904,7 @@ int sp_gemm_batch(int n, const sp_matrix *const *w, const float *x, int64_t t, f
     if (rc) return rc;
     if (t < 0) return SP_ESHAPE;
     if (t == 0) return 0;
-    job_t j;
-    j.nmat = n;
-    j.w = w;
-    j.y = y;
-    j.x = x;
-    j.xt = NULL;
-    j.T = t;
-    j.isa = g_isa;
-    j.gemm = 1;
+    const float *xt = NULL;
     if (g_isa != SP_ISA_PORTABLE) {
         tjob_t tj;
         tj.x = x;
@@ -929,13 +916,9 @@ int sp_gemm_batch(int n, const sp_matrix *const *w, const float *x, int64_t t, f
         tj.simd = g_isa == SP_ISA_AVX2 || g_isa == SP_ISA_AVX512;
         if (!tj.xt) return SP_ENOMEM;
         sp_pool_run(transpose_part, &tj, (int)tj.ntile);
-        j.xt = tj.xt;
+        xt = tj.xt;
     }
-    double total = 0.0;
-    for (int i = 0; i < n; i++) total += cost_upto(w[i], w[i]->rows);
-    int np = nparts_for(total * (double)t, MIN_PAR_BYTES);
-    split(&j, np, total);
-    sp_pool_run(run_part, &j, np);
+    run_batch(n, w, x, xt, t, y, 1);
     return 0;
 }
 
