@@ -29,6 +29,11 @@ def _check_target(sparsity: float) -> float:
     return s
 
 
+def _check_blocks(num_blocks: int) -> None:
+    if num_blocks < 1:
+        raise UserError("the model has no decoder blocks to prune")
+
+
 def _weights(num: int, weights: Sequence[float] | None) -> list[float]:
     if weights is None:
         return [1.0] * num
@@ -66,8 +71,7 @@ def _finalise(rates: Sequence[float], target: float, weights: Sequence[float] | 
 # ----------------------------------------------------------------------------------------- uniform
 def uniform_rates(num_blocks: int, sparsity: float, weights: Sequence[float] | None = None) -> list[float]:
     """Every block at S (the weighted mean is S for any weights)."""
-    if num_blocks < 1:
-        raise UserError("the model has no decoder blocks to prune")
+    _check_blocks(num_blocks)
     s = _check_target(sparsity)
     _weights(num_blocks, weights)
     return [s] * num_blocks
@@ -81,8 +85,7 @@ def atp_beta_range(num_blocks: int, sparsity: float) -> tuple[float, float]:
     last block would be 100% sparse, so ``atp_rates`` then requires beta strictly below the maximum.
     """
     s = _check_target(sparsity)
-    if num_blocks < 1:
-        raise UserError("the model has no decoder blocks to prune")
+    _check_blocks(num_blocks)
     if num_blocks == 1:
         return (0.0, 0.0)
     return (0.0, min(s, 1.0 - s) * 2.0 / (num_blocks - 1))
@@ -162,8 +165,7 @@ def owl_rates(
     """
     s = _check_target(sparsity)
     r = [float(x) for x in outlier_ratios]
-    if not r:
-        raise UserError("the model has no decoder blocks to prune")
+    _check_blocks(len(r))
     if lam < 0 or math.isnan(lam):
         raise UserError(f"OWL lambda must be >= 0 (got {lam}); the paper uses 0.08")
     lo, hi = min(r), max(r)
@@ -255,8 +257,7 @@ def solve_box_lp(
     """
     c = [float(x) for x in cost]
     L = len(c)
-    if L == 0:
-        raise UserError("the model has no decoder blocks to prune")
+    _check_blocks(L)
     w = _weights(L, weights)
     lo, hi, mean = float(lo), float(hi), float(mean)
     if lo > hi:

@@ -19,7 +19,8 @@ DATASETS: dict[str, tuple[tuple[Any, ...], dict[str, Any], str, str]] = {
     "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {}, "test", "text"),
     "c4": (
         ("allenai/c4",),
-        {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz", "train": "en/c4-train.00000-of-01024.json.gz"}},
+        {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz",
+                        "train": "en/c4-train.00000-of-01024.json.gz"}},
         "validation",
         "text",
     ),
@@ -30,7 +31,8 @@ SELF = "self"
 TEXT_SUFFIXES = (".txt", ".raw", ".text", ".md")
 
 ALPACA_PROMPT = (
-    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request.\n\n"
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the "
+    "request.\n\n"
     "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
 
@@ -155,6 +157,19 @@ def _load_dataset(name: str, split: str | None) -> list[Record]:
     if field == "alpaca":
         return [format_alpaca(r) for r in ds]
     return [Record(t) for t in ds[field]]
+
+
+def check_data_path(spec: str | None, flag: str) -> None:
+    """Refuse, before any work, a data source that cannot be read: a missing file or an unknown dataset name."""
+    if spec is None or spec == SELF or spec.split(":", 1)[0] in DATASETS:
+        return
+    p = Path(spec).expanduser()
+    looks_like_file = "/" in spec or spec.endswith(TEXT_SUFFIXES + (".json", ".jsonl", ".parquet"))
+    if looks_like_file and not p.is_file():
+        raise UserError(f"{flag}: data file '{spec}' not found")
+    if not looks_like_file and not p.exists():
+        raise UserError(f"{flag}: unknown data source '{spec}': give a file path, one of {', '.join(DATASETS)}, "
+                        "or 'self'")
 
 
 def eval_text(spec: str) -> str:

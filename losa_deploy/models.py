@@ -99,11 +99,13 @@ def resolve_model(spec: str | None) -> ModelSource:
         return ModelSource(spec, str(_materialise_gguf(p)), True)
     if p.exists():
         if not p.is_dir():
-            raise UserError(f"'{spec}' is a file, not a model directory (expected a directory with config.json, or a .gguf file)")
+            raise UserError(f"'{spec}' is a file, not a model directory (expected a directory with config.json, "
+                            "or a .gguf file)")
         if not (p / "config.json").is_file():
             raise UserError(f"'{spec}' has no config.json: not a Hugging Face model directory")
         return ModelSource(spec, str(p), True)
-    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or spec.count("/") > 1
+    looks_like_path = (spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]
+                       or spec.count("/") > 1)
     if looks_like_path or "/" not in spec and not _is_hub_name(spec):
         raise UserError(
             f"model '{spec}' not found: give a local directory, a .gguf file, a Hugging Face hub id "
@@ -122,7 +124,8 @@ def check_architecture(config: Any) -> None:
 
     mt = getattr(config, "model_type", None)
     if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"unsupported architecture '{mt}': losa-deploy needs a causal language model (AutoModelForCausalLM)")
+        raise UserError(f"unsupported architecture '{mt}': losa-deploy needs a causal language model "
+                        "(AutoModelForCausalLM)")
 
 
 def resolve_device(device: str) -> str:

@@ -34,9 +34,9 @@ COMPRESS = {
     "gemma3": dict(method="wanda", allocation="atp", atp_beta="auto", atp_grid=2, tune_samples=2),
     "phi3": dict(method="sparsegpt", pattern="2:4"),
 }
-LOSA = dict(method="losa", sparsity=0.5, allocation="rmi", losa_steps=2, losa_rank_min=1, losa_rank_max=2,
-            losa_rank_cap=2, losa_train_samples=4, losa_train_seqlen=16, losa_batch_size=4, losa_lr=1e-3,
-            losa_dropout=0.0)
+LOSA = dict(method="losa", sparsity=0.5, allocation="rmi", steps=2, rank_start=1, rank_end=2,
+            rank_cap=2, train_samples=4, train_seqlen=16, batch_size=4, lr=1e-3,
+            lora_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +49,13 @@ def dense_dirs(tmp_path_factory) -> dict[str, Path]:
 def compressed(tmp_path_factory, dense_dirs, text_file) -> dict[str, tuple[Path, dict]]:
     """{arch: (checkpoint dir, manifest)} from `run_compress` with the arch's COMPRESS settings."""
     from losa_deploy.compress import run_compress
-    from losa_deploy.recipe import CompressRecipe
+    from losa_deploy.compress import Recipe
 
     root = tmp_path_factory.mktemp("arch_sparse")
     out = {}
     for a in NEW:
         kw = dict(sparsity=0.5) | COMPRESS[a]
-        rec = CompressRecipe(model=str(dense_dirs[a]), out=str(root / a), calib_data=str(text_file), nsamples=4,
+        rec = Recipe.of(model=str(dense_dirs[a]), out=str(root / a), calib_data=str(text_file), nsamples=4,
                              seqlen=32, **kw)
         out[a] = (root / a, run_compress(rec, progress=False))
     return out
@@ -137,13 +137,14 @@ def test_losa_each_arch(arch, tmp_path, text_file):
     """One LoSA run per architecture at the smallest settings (and the dense-LoRA baseline once, on Phi-3)."""
     from losa_deploy.checkpoint import load_masks
     from losa_deploy.compress import run_compress
-    from losa_deploy.recipe import CompressRecipe
+    from losa_deploy.compress import Recipe
 
-    a, kw = (arch, LOSA) if arch != "dense-lora" else ("phi3", LOSA | {"method": "dense-lora", "allocation": "uniform"})
+    dense_lora = ("phi3", LOSA | {"method": "dense-lora", "allocation": "uniform"})
+    a, kw = (arch, LOSA) if arch != "dense-lora" else dense_lora
     src = save_tiny(tmp_path / "dense", arch=a, layers=2)
     data = "self" if arch == "gemma3" else str(text_file)  # data-free text sampled through the model's own cache
-    rec = CompressRecipe(model=str(src), out=str(tmp_path / "out"), calib_data=data, nsamples=4, seqlen=16,
-                         losa_train_data=data, **kw)
+    rec = Recipe.of(model=str(src), out=str(tmp_path / "out"), calib_data=data, nsamples=4, seqlen=16,
+                         train_data=data, **kw)
     man = run_compress(rec, progress=False)
     assert man["sparsity"]["realised_pruned_linears"] == pytest.approx(0.5, abs=0.02)
     from transformers import AutoModelForCausalLM

@@ -94,7 +94,8 @@ def test_profile_mixed_with_owl_and_flag_override(tiny_dir, text_file, tmp_path,
 
 def test_atp_auto_records_grid_and_tunes_on_heldout_windows(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "atp"
-    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out), "--calib-data", str(text_file),
+    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out),
+                       "--calib-data", str(text_file),
                        "--nsamples", "3", "--seqlen", "32", "--sparsity", "0.6", "--allocation", "atp",
                        "--atp-beta", "auto")
     assert code == 0, e
@@ -103,32 +104,34 @@ def test_atp_auto_records_grid_and_tunes_on_heldout_windows(tiny_dir, text_file,
     assert len(tune["grid"]) == 7 and tune["grid"][0]["beta"] == 0.0
     lo, hi = tune["range"]
     assert 0 < man["allocation"]["beta"] < hi
-    assert man["calibration"]["tuning"]["windows"] == 8 and man["calibration"]["tuning"]["identical_to_calibration"] == 0
+    tuning = man["calibration"]["tuning"]
+    assert tuning["windows"] == 8 and tuning["identical_to_calibration"] == 0
     rates = [b["rate"] for b in man["blocks"]]
     assert rates == sorted(rates) and sum(rates) / 4 == pytest.approx(0.6)
 
 
 def test_atp_tuning_restores_the_dense_weights_exactly(text_file):
-    from losa_deploy.compress import _one_buffer_copy, _tune_atp
-    from losa_deploy.recipe import CompressRecipe
+    from losa_deploy.compress.atp_tuning import one_buffer_copy, tune_atp_beta
+    from losa_deploy.compress import Recipe
     from tiny import tiny_model
 
     model = tiny_model("llama", layers=4, hidden=32, inter=64, heads=4, kv_heads=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, 200, (3, 32), generator=torch.Generator().manual_seed(0))
-    rec = CompressRecipe(out="unused", method="wanda", sparsity=0.6, allocation="atp", atp_beta="auto",
+    rec = Recipe.of(out="unused", method="wanda", sparsity=0.6, allocation="atp", atp_beta="auto",
                          calib_data=str(text_file), nsamples=3, seqlen=32)
-    beta, info = _tune_atp(model, ids, ids[:2], rec, None, "cpu", progress=False)
-    assert 0 < beta < info["range"][1] and len(info["grid"]) == rec.atp_grid + 1
+    beta, info = tune_atp_beta(model, ids, ids[:2], rec, None, "cpu", progress=False)
+    assert 0 < beta < info["range"][1] and len(info["grid"]) == rec.rates.atp_grid + 1
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    copies = _one_buffer_copy({"a": torch.ones(2, 3), "b": torch.zeros(4), "c": torch.ones(2, dtype=torch.float64)})
+    copies = one_buffer_copy({"a": torch.ones(2, 3), "b": torch.zeros(4), "c": torch.ones(2, dtype=torch.float64)})
     assert copies["a"].untyped_storage().data_ptr() == copies["b"].untyped_storage().data_ptr()
     assert copies["c"].dtype == torch.float64 and copies["a"].shape == (2, 3) and float(copies["a"].sum()) == 6
 
 
 def test_rmi_allocation(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "rmi"
-    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out), "--calib-data", str(text_file),
+    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out),
+                       "--calib-data", str(text_file),
                        "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.7", "--allocation", "rmi")
     assert code == 0, e
     man = json.loads((out / "losa_manifest.json").read_text())
@@ -138,7 +141,8 @@ def test_rmi_allocation(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
 
 def test_calib_dtype_bfloat16_is_recorded_and_prunes_exactly(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "bf16"
-    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out), "--calib-data", str(text_file),
+    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out),
+                       "--calib-data", str(text_file),
                        "--nsamples", "4", "--seqlen", "32", "--method", "sparsegpt", "--sparsity", "0.5",
                        "--calib-dtype", "bfloat16")
     assert code == 0, e
@@ -199,7 +203,8 @@ def _error_cases(tiny_dir: Path, text_file: Path, short: Path) -> list[tuple[lis
         (base + ["--allocation", "magic"], "unknown allocation"),
         (base + ["--allocation", "atp", "--atp-beta", "0.9", "--sparsity", "0.5"], r"0 < beta <= 0.333333"),
         (base + ["--pattern", "3:7"], "model.layers.0.self_attn.q_proj.weight"),
-        (["--model", str(tiny_dir), "--calib-data", str(short), "--nsamples", "2", "--seqlen", "64"], "fewer than one window"),
+        (["--model", str(tiny_dir), "--calib-data", str(short), "--nsamples", "2", "--seqlen", "64"],
+         "fewer than one window"),
         (base + ["--eval-data", str(short), "--eval-seqlen", "64"], "fewer than one window"),
         (base + ["--profile", "no-such-profile"], "known profiles"),
         (base + ["--method", "losa", "--steps", "0"], "steps"),
@@ -238,7 +243,7 @@ def test_existing_output_needs_overwrite(tiny_dir, tmp_path, monkeypatch, capsys
 def test_interrupted_run_leaves_nothing_complete_looking(tiny_dir, text_file, tmp_path, monkeypatch):
     import losa_deploy.artifact as ck
     from losa_deploy.compress import run_compress
-    from losa_deploy.recipe import CompressRecipe
+    from losa_deploy.compress import Recipe
 
     real = ck.save_checkpoint
 
@@ -249,7 +254,7 @@ def test_interrupted_run_leaves_nothing_complete_looking(tiny_dir, text_file, tm
     monkeypatch.setattr(ck, "save_checkpoint", boom)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run_compress(CompressRecipe(out=str(out), model=str(tiny_dir), calib_data=str(text_file), nsamples=2, seqlen=32),
+        run_compress(Recipe.of(out=str(out), model=str(tiny_dir), calib_data=str(text_file), nsamples=2, seqlen=32),
                      progress=False)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
@@ -257,7 +262,7 @@ def test_interrupted_run_leaves_nothing_complete_looking(tiny_dir, text_file, tm
 
 def test_shipped_profiles_are_valid_recipes():
     from losa_deploy.profiles import list_profiles, load_profile, section
-    from losa_deploy.recipe import CompressRecipe
+    from losa_deploy.compress import Recipe
 
     known = list_profiles()
     for name in ("cpu-50pct", "cpu-60pct", "cpu-70pct", "gpu-2of4", "cpu-mixed-2of8"):
@@ -266,10 +271,10 @@ def test_shipped_profiles_are_valid_recipes():
         assert p["description"]
         sec = section(p, "compress")
         assert "../shared" not in json.dumps(sec)
-        r = CompressRecipe.from_settings(sec | {"out": "/nonexistent/x"})
+        r = Recipe.from_settings(sec | {"out": "/nonexistent/x"})
         r.validate()
     assert load_profile("gpu-2of4")["export"]["format"] == "tensorrt"
-    assert CompressRecipe.from_settings(section(load_profile("cpu-mixed-2of8"), "compress")).target_sparsity == 0.75
+    assert Recipe.from_settings(section(load_profile("cpu-mixed-2of8"), "compress")).target_sparsity == 0.75
 
 
 @pytest.mark.integration

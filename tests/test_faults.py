@@ -55,12 +55,12 @@ def sparse_dir(tmp_path_factory) -> Path:
     from tiny import save_tiny
 
     from losa_deploy.compress import run_compress
-    from losa_deploy.recipe import CompressRecipe
+    from losa_deploy.compress import Recipe
 
     root = tmp_path_factory.mktemp("faults")
     dense = save_tiny(root / "dense", layers=2)
     out = root / "sparse"
-    run_compress(CompressRecipe(out=str(out), model=str(dense), method="magnitude", sparsity=0.5), progress=False)
+    run_compress(Recipe.of(out=str(out), model=str(dense), method="magnitude", sparsity=0.5), progress=False)
     return out
 
 
@@ -107,7 +107,8 @@ def test_tampered_checkpoint_refused_by_every_consumer(sparse_dir, text_file, tm
         "export onnx": ["export", str(bad), "--format", "onnx", "--out", str(tmp_path / "x_onnx")],
         "export tensorrt": ["export", str(bad), "--format", "tensorrt", "--out", str(tmp_path / "x_trt")],
         "evaluate": ["evaluate", str(bad), "--data", str(text_file), "--seqlen", "32", "--max-tokens", "64"],
-        "bench": ["bench", str(bad), "--baseline", str(sparse_dir.parent / "dense"), "--out", str(tmp_path / "x_bench"),
+        "bench": ["bench", str(bad), "--baseline", str(sparse_dir.parent / "dense"),
+                  "--out", str(tmp_path / "x_bench"),
                   "--skip-latency", "--skip-accuracy"],
         "generate": ["generate", str(bad), "--runtime", "torch", "--prompt", "abc", "--max-new-tokens", "2"],
     }
@@ -153,7 +154,7 @@ def test_intact_checkpoint_passes_and_no_masks_is_a_note(sparse_dir, text_file, 
 _CHILD = r"""
 import os, sys, time
 import losa_deploy.artifact as artifact
-import losa_deploy.losa.run as losa_run
+import losa_deploy.compress.losa.run as losa_run
 
 def pause(real):
     def wrapped(directory, *a, **k):
@@ -195,7 +196,7 @@ def _start(tmp_path: Path, name: str, args: list[str], pause_at: str) -> tuple[s
 def test_signals_clean_up_and_keep_losa_state(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     """SIGINT, SIGTERM, SIGHUP: partial output removed, one `interrupted` line, exit 128 + signal (130 for SIGINT),
     LoSA state kept for --resume. SIGKILL: the partial folder stays; the next run there (a --resume) removes it."""
-    from losa_deploy.losa.state import STATE_FILE
+    from losa_deploy.compress.losa.state import STATE_FILE
 
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()
@@ -445,7 +446,8 @@ def test_files_get_the_usual_mode(sparse_dir, tmp_path, monkeypatch, capsys):
     assert code == 0, e
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755
     for f in (tmp_path / "hf").iterdir():
-        assert f.stat().st_mode & 0o777 == 0o644, f  # the compressed-tensors weights (written by safetensors as 0600) included
+        # the compressed-tensors weights (written by safetensors as 0600) included
+        assert f.stat().st_mode & 0o777 == 0o644, f
     old = os.umask(0o027)
     try:
         assert write_json(tmp_path / "u.json", {}).stat().st_mode & 0o777 == 0o640  # the umask is respected
@@ -457,19 +459,18 @@ def test_files_get_the_usual_mode(sparse_dir, tmp_path, monkeypatch, capsys):
 
 def test_messages_use_the_names_users_write(tmp_path, monkeypatch, capsys):
     from losa_deploy.errors import UserError
-    from losa_deploy.losa.run import validate_losa
-    from losa_deploy.recipe import CompressRecipe
+    from losa_deploy.compress import Recipe
 
     with pytest.raises(UserError) as ei:
-        CompressRecipe.from_settings({"rank_strat": 3})
+        Recipe.from_settings({"rank_strat": 3})
     msg = str(ei.value)
     assert "did you mean 'rank_start'" in msg and "rank_start" in msg and "dropout" in msg
     assert "losa_rank_min" not in msg and "losa_dropout" not in msg and "losa_" not in msg
-    assert CompressRecipe.from_settings({"lora_dropout": 0.0, "dropout": 0.0}).losa_dropout == 0.0
+    assert Recipe.from_settings({"lora_dropout": 0.0, "dropout": 0.0}).adapters.lora_dropout == 0.0
     with pytest.raises(UserError, match="--lora-dropout must be in"):
-        validate_losa(CompressRecipe(out="x", method="losa", losa_dropout=1.5))
+        Recipe.of(out="x", method="losa", lora_dropout=1.5).validate()
     with pytest.raises(UserError, match="unknown --lr-schedule 'cosine'"):
-        CompressRecipe.from_settings({"out": str(tmp_path / "o2"), "method": "losa", "lr_schedule": "cosine"}).validate()
+        Recipe.from_settings({"out": str(tmp_path / "o2"), "method": "losa", "lr_schedule": "cosine"}).validate()
     prof = tmp_path / "p.toml"
     prof.write_text("[compress]\nmethod = \"losa\"\nrank_min = 3\n")
     code, o, e = _main(monkeypatch, capsys, "compress", "--profile", str(prof), "--out", str(tmp_path / "o"))

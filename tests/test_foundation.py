@@ -169,17 +169,17 @@ def test_real_model_perplexity_prefix(shared_data):
 
 def test_losa_calibration_is_the_first_self_training_sequences(tiny_dir, tmp_path, monkeypatch):
     """LoSA on self text calibrates on its first training sequences: one generation, not two."""
-    from losa_deploy.compress import _calibration_windows
-    from losa_deploy.losa.train import build_train_samples, shares_self_text
-    from losa_deploy.recipe import CompressRecipe
+    from losa_deploy.compress import Recipe
+    from losa_deploy.compress.calibration import calibration_windows, shares_self_text
+    from losa_deploy.compress.losa.train import build_train_samples
 
     monkeypatch.setenv("LOSA_DEPLOY_CACHE", str(tmp_path))
     m, tok = load_model(str(tiny_dir))
-    r = CompressRecipe(out=str(tmp_path / "o"), method="losa", nsamples=2, seqlen=16, losa_train_samples=5,
-                       losa_train_seqlen=16, seed=3)
+    r = Recipe.of(out=str(tmp_path / "o"), method="losa", nsamples=2, seqlen=16, train_samples=5, train_seqlen=16,
+                  seed=3)
     assert shares_self_text(r)
-    calib = _calibration_windows(m, tok, r)
+    calib = calibration_windows(m, tok, r)
     train = build_train_samples(tok, "self", 5, 16, 3, model=m)
     assert calib.shape == (2, 16) and all(torch.equal(calib[i], train[i].input_ids) for i in range(2))
-    for other in ({"losa_train_seqlen": 32}, {"nsamples": 6}, {"method": "wanda"}, {"calib_data": "wikitext2"}):
-        assert not shares_self_text(CompressRecipe(**{**r.to_dict(), **other}))
+    for other in ({"train_seqlen": 32}, {"nsamples": 6}, {"method": "wanda"}, {"calib_data": "wikitext2"}):
+        assert not shares_self_text(Recipe.of(**{**r.to_dict(), **other}))

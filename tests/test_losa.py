@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from losa_deploy.errors import UserError
-from losa_deploy.losa.adapter import MaskedLoRA, check_zero_pattern, merge_into, set_rank, unmerge_from
-from losa_deploy.losa.ranks import allocate_ranks, uniform_ranks
-from losa_deploy.losa.schedule import rank_schedule, sparsity_schedule
-from losa_deploy.losa.train import split_slices
+from losa_deploy.compress.losa.adapter import MaskedLoRA, check_zero_pattern, merge_into, set_rank, unmerge_from
+from losa_deploy.compress.losa.ranks import allocate_ranks, uniform_ranks
+from losa_deploy.compress.losa.schedule import rank_schedule, sparsity_schedule
+from losa_deploy.compress.losa.train import split_slices
 
 
 @settings(max_examples=40, deadline=None)
@@ -58,7 +58,7 @@ def test_masked_adapter_forward_and_merge_agree():
 def test_fused_adapter_equals_hook_form_in_output_and_gradients():
     """Without dropout the adapter is fused into the linear's weight (one matmul); outputs and the gradients of
     A, B and the input must equal those of the two-matmul hook form, enabled or not, and removal restores it."""
-    from losa_deploy.losa.adapter import _FusedForward, _hook, attach_adapters
+    from losa_deploy.compress.losa.adapter import _FusedForward, _hook, attach_adapters
 
     torch.manual_seed(0)
     mask = torch.rand(6, 10) > 0.5
@@ -183,7 +183,7 @@ def test_split_slices_disjoint():
 
 
 def _lr_factors(total: int, **kw) -> list[float]:
-    from losa_deploy.losa.train import make_optimizer
+    from losa_deploy.compress.losa.train import make_optimizer
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt, sched = make_optimizer([p], 1.0, total, **kw)

@@ -8,21 +8,27 @@ import pytest
 import torch
 
 from losa_deploy.errors import UserError
-from losa_deploy.losa.run import run_losa, validate_losa
-from losa_deploy.losa.state import STATE_FILE
-from losa_deploy.recipe import CompressRecipe
+from losa_deploy.compress.checks import check_against_model
+from losa_deploy.compress.losa.run import run_losa
+from losa_deploy.compress.methods import MethodInputs
+from losa_deploy.compress.losa.state import STATE_FILE
+from losa_deploy.compress import Recipe
 from tiny import byte_tokenizer, tiny_model
 
 SMALL = dict(layers=2, hidden=32, inter=64, heads=4, kv_heads=2)
 
 
-def _recipe(tmp_path, text_file, **kw) -> CompressRecipe:
+def _recipe(tmp_path, text_file, **kw) -> Recipe:
     base = dict(out=str(tmp_path / "out"), method="losa", sparsity=0.5, allocation="rmi", calib_data=str(text_file),
-                nsamples=8, seqlen=32, seed=0, losa_steps=2, losa_rank_min=2, losa_rank_max=4, losa_rank_cap=6,
-                losa_train_data=str(text_file), losa_train_samples=12, losa_train_seqlen=32, losa_batch_size=4,
-                losa_lr=1e-3)
+                nsamples=8, seqlen=32, seed=0, steps=2, rank_start=2, rank_end=4, rank_cap=6,
+                train_data=str(text_file), train_samples=12, train_seqlen=32, batch_size=4,
+                lr=1e-3)
     base.update(kw)
-    return CompressRecipe(**base)
+    return Recipe.of(**base)
+
+
+def _inputs(model, tok, rec, work) -> MethodInputs:
+    return MethodInputs(rec, model, tok, None, work, progress=False)
 
 
 def _zero_pattern_exact(model, masks):
@@ -35,14 +41,14 @@ def test_full_losa_run_tiny(tmp_path, text_file):
     model, tok = tiny_model("llama", **SMALL), byte_tokenizer()
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     rec = _recipe(tmp_path, text_file)
-    res = run_losa(model, tok, rec, tmp_path / "work", progress=False)
+    res = run_losa(_inputs(model, tok, rec, tmp_path / "work"))
     assert len(res.masks) == 2 * 7
     _zero_pattern_exact(model, res.masks)
     # the final mean sparsity is the target; every block within the RMI box (delta 0.01 at S=0.5)
     kept = sum(int(m.sum()) for m in res.masks.values())
     total = sum(m.numel() for m in res.masks.values())
     assert abs(1 - kept / total - 0.5) < 0.02
-    man = res.manifest
+    man = res.section
     assert [round(s["sparsity_target"], 4) for s in man["steps"]] == [0.4375, 0.5]
     assert [s["omega"] for s in man["steps"]] == [2.0, 4.0]
     for s in man["steps"]:
@@ -64,9 +70,9 @@ def test_full_losa_run_tiny(tmp_path, text_file):
 
 def test_resume_equals_uninterrupted(tmp_path, text_file):
     tok = byte_tokenizer()
-    rec = _recipe(tmp_path, text_file, losa_steps=3, losa_train_samples=9, nsamples=4, losa_batch_size=2)
+    rec = _recipe(tmp_path, text_file, steps=3, train_samples=9, nsamples=4, batch_size=2)
     m1 = tiny_model("llama", **SMALL)
-    full = run_losa(m1, tok, rec, tmp_path / "a", progress=False)
+    full = run_losa(_inputs(m1, tok, rec, tmp_path / "a"))
 
     class Stop(KeyboardInterrupt):
         pass
@@ -77,49 +83,50 @@ def test_resume_equals_uninterrupted(tmp_path, text_file):
 
     m2 = tiny_model("llama", **SMALL)
     with pytest.raises(Stop):
-        run_losa(m2, tok, rec, tmp_path / "b", progress=False, on_step_end=interrupt)
+        run_losa(_inputs(m2, tok, rec, tmp_path / "b"), on_step_end=interrupt)
     assert all(not m._forward_hooks for m in m2.modules())
     m3 = tiny_model("llama", **SMALL)  # a fresh process would reload the dense model
-    rec.resume = True
-    resumed = run_losa(m3, tok, rec, tmp_path / "b", progress=False)
-    assert resumed.manifest["resumed_from_step"] == 1
+    rec.adapters.resume = True
+    resumed = run_losa(_inputs(m3, tok, rec, tmp_path / "b"))
+    assert resumed.section["resumed_from_step"] == 1
     assert full.masks.keys() == resumed.masks.keys()
     for n in full.masks:
         assert torch.equal(full.masks[n], resumed.masks[n]), n
         torch.testing.assert_close(m1.get_parameter(n), m3.get_parameter(n), rtol=0, atol=1e-6)
-    assert full.manifest["loss_curve"] == pytest.approx(resumed.manifest["loss_curve"], rel=1e-5)
+    assert full.section["loss_curve"] == pytest.approx(resumed.section["loss_curve"], rel=1e-5)
 
 
 def test_resume_other_recipe_refused(tmp_path, text_file):
     tok = byte_tokenizer()
-    rec = _recipe(tmp_path, text_file, losa_steps=1, losa_train_samples=2, nsamples=4)
-    run_losa(tiny_model("llama", **SMALL), tok, rec, tmp_path / "w", progress=False)
-    other = _recipe(tmp_path, text_file, losa_steps=1, losa_train_samples=2, nsamples=4, losa_lr=5e-4, resume=True)
+    rec = _recipe(tmp_path, text_file, steps=1, train_samples=2, nsamples=4)
+    run_losa(_inputs(tiny_model("llama", **SMALL), tok, rec, tmp_path / "w"))
+    other = _recipe(tmp_path, text_file, steps=1, train_samples=2, nsamples=4, lr=5e-4, resume=True)
     with pytest.raises(UserError, match=r"different recipe.*differs in: lr\)"):  # the profile key, not the field
-        run_losa(tiny_model("llama", **SMALL), tok, other, tmp_path / "w", progress=False)
+        run_losa(_inputs(tiny_model("llama", **SMALL), tok, other, tmp_path / "w"))
 
 
 def test_instruction_data_distill_and_nm(tmp_path, text_file):
-    recs = [{"instruction": f"Say the word number {i}.", "input": "", "output": "word " * (5 + i % 7)} for i in range(30)]
+    recs = [{"instruction": f"Say the word number {i}.", "input": "", "output": "word " * (5 + i % 7)}
+            for i in range(30)]
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(recs))
     tok = byte_tokenizer()
     model = tiny_model("llama", **SMALL)
-    rec = _recipe(tmp_path, text_file, pattern="2:4", sparsity=None, losa_train_data=str(data), nsamples=4,
-                  losa_objective="distill", losa_train_samples=4, losa_train_seqlen=256, losa_mask_method="sparsegpt",
-                  losa_dropout=0.0)
-    res = run_losa(model, tok, rec, tmp_path / "w", progress=False)
+    rec = _recipe(tmp_path, text_file, pattern="2:4", sparsity=None, train_data=str(data), nsamples=4,
+                  objective="distill", train_samples=4, train_seqlen=256, mask_method="sparsegpt",
+                  lora_dropout=0.0)
+    res = run_losa(_inputs(model, tok, rec, tmp_path / "w"))
     _zero_pattern_exact(model, res.masks)
-    assert res.manifest["adapter_form"] == "fused"  # no dropout: adapter and weight in one matmul
+    assert res.section["adapter_form"] == "fused"  # no dropout: adapter and weight in one matmul
     assert all("forward" not in m.__dict__ for m in model.modules())  # and the class forward is back
     for m in res.masks.values():  # 2 kept of every 4 consecutive inputs
         assert bool((m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all())
-    assert res.manifest["objective"] == "distill" and res.manifest["teacher_dtype"] == "float32"
+    assert res.section["objective"] == "distill" and res.section["teacher_dtype"] == "float32"
     assert res.patterns[next(iter(res.patterns))] == "2:4"
 
 
 def test_lm_objective_masks_prompt_tokens(tmp_path):
-    from losa_deploy.losa.train import IGNORE, build_train_samples
+    from losa_deploy.compress.losa.train import IGNORE, build_train_samples
 
     recs = [{"instruction": "Add one and one.", "input": "", "output": "Two."}]
     data = tmp_path / "a.json"
@@ -136,37 +143,37 @@ def test_lm_objective_masks_prompt_tokens(tmp_path):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(losa_steps=0), "steps"),
-    (dict(losa_rank_cap=0), "rank-cap"),
-    (dict(losa_rank_max=20), "rank-end"),
+    (dict(steps=0), "steps"),
+    (dict(rank_cap=0), "rank-cap"),
+    (dict(rank_end=20), "rank-end"),
     (dict(allocation="owl"), "rmi"),
-    (dict(losa_train_samples=1), "train-samples"),
+    (dict(train_samples=1), "train-samples"),
     (dict(allocation="atp"), "numeric --atp-beta"),
     (dict(allocation="atp", atp_beta="auto"), "numeric --atp-beta"),
 ])
 def test_validation_errors(tmp_path, text_file, kw, msg):
     rec = _recipe(tmp_path, text_file, **kw)
     with pytest.raises(UserError, match=msg):
-        validate_losa(rec)
+        rec.validate()
 
 
-def test_step_atp_beta_capped_at_each_steps_legal_range():
+def test_atp_beta_capped_at_each_steps_legal_range():
     from losa_deploy.allocation import atp_beta_range
-    from losa_deploy.losa.run import step_atp_beta
+    from losa_deploy.compress.rates import capped_atp_beta
 
     # 30 blocks: at S_t = 0.7 the range is 0.3*2/29 = 0.02069 (beta 0.0118 passes unchanged); at S_t = 0.1 it is
     # 0.1*2/29 = 0.006897, so the same beta is capped just below that maximum.
-    assert step_atp_beta(0.0118, 30, 0.7) == 0.0118
-    capped = step_atp_beta(0.0118, 30, 0.1)
+    assert capped_atp_beta(0.0118, 30, 0.7) == 0.0118
+    capped = capped_atp_beta(0.0118, 30, 0.1)
     assert capped == pytest.approx(0.2 / 29) and capped < atp_beta_range(30, 0.1)[1]
 
 
 def test_losa_with_atp_rates(tmp_path, text_file):
     model, tok = tiny_model("llama", layers=4, hidden=32, inter=64, heads=4, kv_heads=2), byte_tokenizer()
     rec = _recipe(tmp_path, text_file, allocation="atp", atp_beta=0.05, sparsity=0.5)
-    res = run_losa(model, tok, rec, tmp_path / "work", progress=False)
+    res = run_losa(_inputs(model, tok, rec, tmp_path / "work"))
     _zero_pattern_exact(model, res.masks)
-    man = res.manifest
+    man = res.section
     last = man["steps"][-1]
     # ATP at S = 0.5, L = 4, beta = 0.05: 0.425, 0.475, 0.525, 0.575 (mean exactly S)
     assert last["block_rates"] == pytest.approx([0.425, 0.475, 0.525, 0.575])
@@ -181,9 +188,9 @@ def test_distill_without_room_refused(tmp_path, text_file, monkeypatch):
         available = 1000
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: VM())
-    rec = _recipe(tmp_path, text_file, losa_objective="distill")
+    rec = _recipe(tmp_path, text_file, objective="distill")
     with pytest.raises(UserError, match="teacher"):
-        validate_losa(rec, tiny_model("llama"))
+        check_against_model(tiny_model("llama"), rec, "cpu")
 
 
 def test_compress_losa_end_to_end_artefact(tiny_dir, text_file, tmp_path):
@@ -195,10 +202,10 @@ def test_compress_losa_end_to_end_artefact(tiny_dir, text_file, tmp_path):
     from losa_deploy.artifact import read_manifest
 
     out = tmp_path / "out"
-    rec = CompressRecipe(out=str(out), model=str(tiny_dir), method="losa", sparsity=0.6, allocation="rmi",
-                         calib_data=str(text_file), nsamples=4, seqlen=32, losa_steps=2, losa_rank_min=2,
-                         losa_rank_max=4, losa_rank_cap=8, losa_train_data=str(text_file), losa_train_samples=4,
-                         losa_train_seqlen=32, losa_batch_size=2, eval_before=False)
+    rec = Recipe.of(out=str(out), model=str(tiny_dir), method="losa", sparsity=0.6, allocation="rmi",
+                         calib_data=str(text_file), nsamples=4, seqlen=32, steps=2, rank_start=2,
+                         rank_end=4, rank_cap=8, train_data=str(text_file), train_samples=4,
+                         train_seqlen=32, batch_size=2, eval_before=False)
     run_compress(rec, progress=False)
     man = read_manifest(out)
     assert len(man["losa"]["steps"]) == 2 and man["losa"]["zero_pattern_verified"]
@@ -217,13 +224,13 @@ def test_compress_losa_end_to_end_artefact(tiny_dir, text_file, tmp_path):
 
 def test_dense_lora_baseline_tiny(tmp_path, text_file):
     """The naive baseline: prune, dense LoRA, merge, re-prune; final zeros are exactly the masks."""
-    from losa_deploy.losa.baseline import run_dense_lora
+    from losa_deploy.compress.losa.baseline import run_dense_lora
 
     model, tok = tiny_model("llama", **SMALL), byte_tokenizer()
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
-    rec = _recipe(tmp_path, text_file, method="dense-lora", nsamples=4, losa_train_samples=8)
+    rec = _recipe(tmp_path, text_file, method="dense-lora", nsamples=4, train_samples=8)
     rec.validate()
-    res = run_dense_lora(model, tok, rec, tmp_path / "work", progress=False)
+    res = run_dense_lora(_inputs(model, tok, rec, tmp_path / "work"))
     assert len(res.masks) == 2 * 7
     for name, mask in res.masks.items():
         w = model.get_parameter(name)
@@ -234,7 +241,7 @@ def test_dense_lora_baseline_tiny(tmp_path, text_file):
     assert all(abs(r - 0.5) <= 0.0101 for r in res.block_rates)
     kept = sum(int(m.sum()) for m in res.masks.values())
     assert abs(1 - kept / sum(m.numel() for m in res.masks.values()) - 0.5) < 0.02
-    man = res.manifest
+    man = res.section
     assert man["variant"] == "dense-lora" and man["rank"] == 4 and res.block_ranks == [4, 4]
     assert len(man["loss_curve"]) == man["optimizer"]["total_steps"] == 2  # 8 samples / batch 4, one shot
     sp = man["sparsity"]

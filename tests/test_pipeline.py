@@ -12,19 +12,19 @@ from tiny import tiny_model
 
 from losa_deploy.errors import UserError
 from losa_deploy.model_parts import block_param_counts, find_blocks, find_linears, prunable_linears
-from losa_deploy.recipe import CompressRecipe, PruneSpec
-from losa_deploy.sequential import (
+from losa_deploy.compress import Recipe
+from losa_deploy.compress.prune import PruneSpec
+from losa_deploy.compress.prune import RealisedSparsityError, check_realised, prune_sequential
+from losa_deploy.compress.sequential import (
     block_compute,
     capture_block_inputs,
-    check_realised,
     collect_block_grams,
     collect_outlier_ratios,
     collect_wanda_stats,
     gather_stats,
-    prune_sequential,
     run_block,
-    RealisedSparsityError,
 )
+from losa_deploy.pruning.masks import parse_pattern
 
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "opt"]
 
@@ -52,7 +52,7 @@ def test_find_blocks_and_prune_every_arch(arch):
     assert len(lins) in (6, 7)  # OPT has q,k,v,out,fc1,fc2; the others 7
     emb_before = model.get_input_embeddings().weight.clone()
     head_before = model.get_output_embeddings().weight.clone()
-    res = prune_sequential(model, _ids(), PruneSpec("wanda", "unstructured"), [0.5] * 4, progress=False)
+    res = prune_sequential(model, _ids(), PruneSpec("wanda", parse_pattern("unstructured")), [0.5] * 4, progress=False)
     assert len(res.masks) == 4 * len(lins)
     for full, mask in res.masks.items():
         w = model.get_parameter(full)
@@ -66,7 +66,7 @@ def test_find_blocks_and_prune_every_arch(arch):
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 def test_gqa_shapes_sparsegpt_2of4(kv_heads):
     model = tiny_model("llama", heads=4, kv_heads=kv_heads)
-    res = prune_sequential(model, _ids(), PruneSpec("sparsegpt", "2:4"), [0.5] * 4, progress=False)
+    res = prune_sequential(model, _ids(), PruneSpec("sparsegpt", parse_pattern("2:4")), [0.5] * 4, progress=False)
     for full, mask in res.masks.items():
         rows, cols = mask.shape
         assert bool((mask.reshape(rows, cols // 4, 4).sum(-1) == 2).all()), full
@@ -108,7 +108,7 @@ def test_wanda_pipeline_equals_direct_computation_blocks_0_and_1():
     model = tiny_model("llama")
     ref = tiny_model("llama")
     direct0 = _direct_wanda_masks(ref, ids, 0, 0.5)
-    res = prune_sequential(model, ids, PruneSpec("wanda", "unstructured"), [0.5] * 4, progress=False)
+    res = prune_sequential(model, ids, PruneSpec("wanda", parse_pattern("unstructured")), [0.5] * 4, progress=False)
     for k, m in direct0.items():
         assert torch.equal(res.masks[k], m), k
     # Block 1 must see the outputs of the *pruned* block 0 (sequential semantics).
@@ -146,12 +146,13 @@ def test_bf16_block_forwards_keep_statistics_float32():
 def test_bf16_block_forwards_prune_to_exact_targets():
     ids = _ids(3, 20)
     m32, m16 = tiny_model("llama"), tiny_model("llama")
-    r32 = prune_sequential(m32, ids, PruneSpec("wanda", "unstructured"), [0.5] * 4, progress=False)
+    r32 = prune_sequential(m32, ids, PruneSpec("wanda", parse_pattern("unstructured")), [0.5] * 4, progress=False)
     with block_compute(torch.bfloat16):
-        r16 = prune_sequential(m16, ids, PruneSpec("wanda", "unstructured"), [0.5] * 4, progress=False)
+        r16 = prune_sequential(m16, ids, PruneSpec("wanda", parse_pattern("unstructured")), [0.5] * 4, progress=False)
     for k, m in r16.masks.items():
         assert _row_exact(m, 0.5), k
-    agree = sum(int((r16.masks[k] == r32.masks[k]).sum()) for k in r32.masks) / sum(m.numel() for m in r32.masks.values())
+    same = sum(int((r16.masks[k] == r32.masks[k]).sum()) for k in r32.masks)
+    agree = same / sum(m.numel() for m in r32.masks.values())
     assert agree > 0.95  # a few ties flip under bf16 rounding, most of the mask does not
 
 
@@ -159,7 +160,8 @@ def test_magnitude_masks_match_inline_magnitude_and_per_block_rates():
     model = tiny_model("llama")
     ref = tiny_model("llama")
     rates = [0.2, 0.4, 0.6, 0.8]
-    res = prune_sequential(model, None, PruneSpec("magnitude", "unstructured"), rates, progress=False)  # no data needed
+    spec = PruneSpec("magnitude", parse_pattern("unstructured"))
+    res = prune_sequential(model, None, spec, rates, progress=False)  # no data needed
     assert res.timings["forward_s"] == 0.0
     for full, (bi, lin) in prunable_linears(ref).items():
         w = lin.weight.detach()
@@ -172,7 +174,7 @@ def test_magnitude_masks_match_inline_magnitude_and_per_block_rates():
 
 def test_mixed_pattern_uses_per_block_n():
     model = tiny_model("llama")
-    spec = PruneSpec("wanda", "mixed:8", n_per_block=[4, 3, 1, 0])
+    spec = PruneSpec("wanda", parse_pattern("mixed:8"), n_per_block=[4, 3, 1, 0])
     res = prune_sequential(model, _ids(), spec, [0.5, 0.625, 0.875, 1.0 - 1e-9], progress=False)
     for full, mask in res.masks.items():
         bi = int(full.split(".")[2])
@@ -185,7 +187,7 @@ def test_mixed_pattern_uses_per_block_n():
 def test_ignore_keeps_layers_dense():
     model = tiny_model("llama")
     before = model.model.layers[2].mlp.down_proj.weight.clone()
-    spec = PruneSpec("wanda", "unstructured", ignore=("*.down_proj.weight", "model.layers.0.*"))
+    spec = PruneSpec("wanda", parse_pattern("unstructured"), ignore=("*.down_proj.weight", "model.layers.0.*"))
     res = prune_sequential(model, _ids(), spec, [0.5] * 4, progress=False)
     assert not any(k.endswith("down_proj.weight") or k.startswith("model.layers.0.") for k in res.masks)
     assert torch.equal(model.model.layers[2].mlp.down_proj.weight, before)
@@ -194,8 +196,9 @@ def test_ignore_keeps_layers_dense():
 
 def test_offload_gives_the_same_result():
     a, b = tiny_model("llama"), tiny_model("llama")
-    ra = prune_sequential(a, _ids(), PruneSpec("sparsegpt", "unstructured"), [0.6] * 4, progress=False)
-    rb = prune_sequential(b, _ids(), PruneSpec("sparsegpt", "unstructured"), [0.6] * 4, offload=True, progress=False)
+    ra = prune_sequential(a, _ids(), PruneSpec("sparsegpt", parse_pattern("unstructured")), [0.6] * 4, progress=False)
+    rb = prune_sequential(b, _ids(), PruneSpec("sparsegpt", parse_pattern("unstructured")), [0.6] * 4, offload=True,
+                          progress=False)
     for k in ra.masks:
         assert torch.equal(ra.masks[k], rb.masks[k])
         assert torch.allclose(a.get_parameter(k), b.get_parameter(k), atol=1e-6)
@@ -205,7 +208,7 @@ def test_sparsegpt_updates_kept_weights_and_beats_masking_alone():
     ids = _ids(8, 32)
     dense = tiny_model("llama")
     m = tiny_model("llama")
-    res = prune_sequential(m, ids, PruneSpec("sparsegpt", "unstructured"), [0.5] * 4, progress=False,
+    res = prune_sequential(m, ids, PruneSpec("sparsegpt", parse_pattern("unstructured")), [0.5] * 4, progress=False,
                            dense_state={k: v.clone() for k, v in dense.state_dict().items()})
     w0 = dense.model.layers[0].self_attn.q_proj.weight
     w1 = m.model.layers[0].self_attn.q_proj.weight
@@ -217,7 +220,8 @@ def test_sparsegpt_updates_kept_weights_and_beats_masking_alone():
         for k, mk in res.masks.items():
             plain.get_parameter(k).mul_(mk)
     hidden, kw = capture_block_inputs(dense, ids)
-    from losa_deploy.sequential import recon_error, run_block
+    from losa_deploy.compress.prune import recon_error
+    from losa_deploy.compress.sequential import run_block
 
     d = run_block(dense.model.layers[0], hidden, kw)
     e_sgpt = recon_error(d, run_block(m.model.layers[0], hidden, kw))
@@ -230,9 +234,10 @@ def test_recon_error_zero_when_nothing_pruned_and_grows_with_depth_of_damage():
     dense = tiny_model("llama")
     m = tiny_model("llama")
     state = {k: v.clone() for k, v in dense.state_dict().items()}
-    res = prune_sequential(m, _ids(), PruneSpec("wanda", "unstructured"), [0.0] * 4, dense_state=state, progress=False)
+    res = prune_sequential(m, _ids(), PruneSpec("wanda", parse_pattern("unstructured")), [0.0] * 4, dense_state=state,
+                           progress=False)
     assert res.recon_error == pytest.approx([0.0] * 4, abs=1e-6)
-    res = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("wanda", "unstructured"), [0.7] * 4,
+    res = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("wanda", parse_pattern("unstructured")), [0.7] * 4,
                            dense_state=state, progress=False)
     assert len(res.recon_error) == 4 and all(e > 0 for e in res.recon_error)
 
@@ -282,7 +287,7 @@ def test_masks_saved_equal_zero_pattern_and_reload(tmp_path):
     from tiny import byte_tokenizer
 
     model = tiny_model("llama")
-    res = prune_sequential(model, _ids(), PruneSpec("wanda", "unstructured"), [0.5] * 4, progress=False)
+    res = prune_sequential(model, _ids(), PruneSpec("wanda", parse_pattern("unstructured")), [0.5] * 4, progress=False)
     save_checkpoint(tmp_path, model, byte_tokenizer(), res.masks)
     masks = load_masks(tmp_path)
     assert set(masks) == set(res.masks)
@@ -301,7 +306,7 @@ def test_manifest_round_trip_and_errors(tmp_path):
     from losa_deploy.artifact import read_manifest, write_manifest
     from losa_deploy.manifest import build_manifest
 
-    man = build_manifest(recipe=CompressRecipe(out="x").to_dict(), blocks=[{"index": 0, "rate": 0.5}],
+    man = build_manifest(recipe=Recipe.of(out="x").to_dict(), blocks=[{"index": 0, "rate": 0.5}],
                          linears={"a.weight": {"target": 0.5, "realised": 0.5, "pattern": "unstructured"}})
     write_manifest(tmp_path, man)
     back = read_manifest(tmp_path)
@@ -312,7 +317,8 @@ def test_manifest_round_trip_and_errors(tmp_path):
     (tmp_path / "losa_manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="corrupt"):
         read_manifest(tmp_path)
-    (tmp_path / "losa_manifest.json").write_text(json.dumps({"schema": "other", "version": 1, "recipe": {}, "blocks": [], "linears": {}}))
+    other = {"schema": "other", "version": 1, "recipe": {}, "blocks": [], "linears": {}}
+    (tmp_path / "losa_manifest.json").write_text(json.dumps(other))
     with pytest.raises(UserError, match="schema"):
         read_manifest(tmp_path)
 
@@ -339,23 +345,23 @@ def test_block_param_counts_and_prunable_names():
         ({"atp_beta": 0.01}, "only applies"),
         ({"calib_data": "/no/such/file.txt"}, "not found"),
         ({"nsamples": 0}, "nsamples"),
-        ({"method": "losa", "losa_dropout": 1.0}, r"--lora-dropout must be in \[0, 1\)"),
-        ({"method": "losa", "losa_alpha": 0.0}, "--lora-alpha must be > 0"),
+        ({"method": "losa", "lora_dropout": 1.0}, r"--lora-dropout must be in \[0, 1\)"),
+        ({"method": "losa", "lora_alpha": 0.0}, "--lora-alpha must be > 0"),
         ({"calib_dtype": "int8"}, "unknown --calib-dtype 'int8'"),
     ],
 )
 def test_recipe_validation(tmp_path, kw, msg):
     with pytest.raises(UserError, match=msg):
-        CompressRecipe(out=str(tmp_path / "o"), **kw).validate()
+        Recipe.of(out=str(tmp_path / "o"), **kw).validate()
 
 
 def test_recipe_from_settings_aliases_and_unknown():
-    r = CompressRecipe.from_settings({"out": "x", "rank-start": 4, "steps": 3, "ignore": "*.down_proj.weight"})
-    assert r.losa_rank_min == 4 and r.losa_steps == 3 and r.ignore == ["*.down_proj.weight"]
+    r = Recipe.from_settings({"out": "x", "rank-start": 4, "steps": 3, "ignore": "*.down_proj.weight"})
+    assert r.adapters.rank_start == 4 and r.adapters.steps == 3 and r.prune.ignore == ["*.down_proj.weight"]
     with pytest.raises(UserError, match="unknown compress setting"):
-        CompressRecipe.from_settings({"out": "x", "sparsty": 0.5})
-    assert CompressRecipe(out="x", pattern="2:4").target_sparsity == 0.5
-    assert CompressRecipe(out="x").target_sparsity == 0.5
+        Recipe.from_settings({"out": "x", "sparsty": 0.5})
+    assert Recipe.of(out="x", pattern="2:4").target_sparsity == 0.5
+    assert Recipe.of(out="x").target_sparsity == 0.5
 
 
 def test_sparsegpt_damping_retry_is_reported_naming_the_layer(monkeypatch, capsys):
@@ -370,7 +376,8 @@ def test_sparsegpt_damping_retry_is_reported_naming_the_layer(monkeypatch, capsy
         return w, mask, info
 
     monkeypatch.setattr(sg, "sparsegpt_prune", flaky)
-    res = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("sparsegpt", "unstructured"), [0.5] * 4, progress=False)
+    spec = PruneSpec("sparsegpt", parse_pattern("unstructured"))
+    res = prune_sequential(tiny_model("llama"), _ids(), spec, [0.5] * 4, progress=False)
     assert len(res.warnings) == 1 and "model.layers.1.mlp.up_proj.weight" in res.warnings[0]
     assert "Cholesky" in capsys.readouterr().err
 
@@ -380,10 +387,11 @@ def test_sliding_window_blocks_get_their_own_mask():
     forward exactly (block outputs == output_hidden_states), which needs each block's own attention mask."""
     from transformers import Qwen2Config, AutoModelForCausalLM
 
-    from losa_deploy.sequential import walk_blocks
+    from losa_deploy.compress.sequential import walk_blocks
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    cfg = Qwen2Config(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=512, use_sliding_window=True, sliding_window=8,
                       max_window_layers=2, attn_implementation="eager")
     model = AutoModelForCausalLM.from_config(cfg).eval()
@@ -397,22 +405,37 @@ def test_sliding_window_blocks_get_their_own_mask():
         assert torch.allclose(seen[i], expect, atol=1e-5), i
 
 
+def test_one_name_per_setting_flag_profile_key_field(tmp_path):
+    """Every recipe setting is a `compress` option of the same name, and the manifest's recipe reads back as is."""
+    import inspect
+
+    from losa_deploy.cli.compress import compress
+    from losa_deploy.compress.recipe import setting_sections
+
+    params = set(inspect.signature(compress).parameters) - {"profile", "json_out"}
+    settings = set(setting_sections()) - {"blocksize", "percdamp", "atp_grid", "tune_samples"}  # profile-only
+    assert params == settings
+    r = Recipe.of(out=str(tmp_path / "o"), pattern="mixed:8", sparsity=0.75, rank_start=3, lora_dropout=0.0)
+    again = Recipe.from_settings(r.to_dict())
+    assert again == r and again.prune.pattern.kind == "mixed" and again.adapters.lora_dropout == 0.0
+
+
 def test_cached_dense_reference_gives_the_same_recon_errors():
     """LoSA prunes T times against the same dense reference: the cached outputs must equal recomputed ones."""
     dense = tiny_model("llama")
     state = {k: v.clone() for k, v in dense.state_dict().items()}
     cache: dict = {}
-    first = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("wanda", "unstructured"), [0.5] * 4,
-                             dense_state=state, progress=False, dense_outputs=cache)
+    spec = PruneSpec("wanda", parse_pattern("unstructured"))
+    first = prune_sequential(tiny_model("llama"), _ids(), spec, [0.5] * 4, dense_state=state, progress=False,
+                             dense_outputs=cache)
     assert sorted(cache) == [0, 1, 2, 3]
     for rate in (0.5, 0.7):
-        plain = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("wanda", "unstructured"), [rate] * 4,
-                                 dense_state=state, progress=False)
-        cached = prune_sequential(tiny_model("llama"), _ids(), PruneSpec("wanda", "unstructured"), [rate] * 4,
-                                  dense_state=state, progress=False, dense_outputs=cache)
+        plain = prune_sequential(tiny_model("llama"), _ids(), spec, [rate] * 4, dense_state=state, progress=False)
+        cached = prune_sequential(tiny_model("llama"), _ids(), spec, [rate] * 4, dense_state=state, progress=False,
+                                  dense_outputs=cache)
         assert cached.recon_error == plain.recon_error
         for k in plain.masks:
             assert torch.equal(cached.masks[k], plain.masks[k])
     assert first.recon_error == prune_sequential(
-        tiny_model("llama"), _ids(), PruneSpec("wanda", "unstructured"), [0.5] * 4, dense_state=state,
+        tiny_model("llama"), _ids(), PruneSpec("wanda", parse_pattern("unstructured")), [0.5] * 4, dense_state=state,
         progress=False).recon_error

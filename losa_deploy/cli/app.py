@@ -41,7 +41,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks, and third-party warnings and logs."),
 ) -> None:
     from ..quiet import configure
@@ -84,7 +85,8 @@ def _run_app() -> None:
             sys.exit(env.exit_code)
         if _state["debug"] or "--debug" in sys.argv:
             raise
-        err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e} (rerun with --debug for the "
+                  "traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -33,16 +33,22 @@ def prune_count(sparsity: float, size: int) -> int:
     return int(math.floor(sparsity * size + _EPS))
 
 
-def _check_sparsity(sparsity: float) -> float:
+def check_sparsity(sparsity: float) -> float:
     s = float(sparsity)
     if not (0.0 <= s <= 1.0) or math.isnan(s):
         raise UserError(f"sparsity must be between 0 and 1 (got {sparsity}); e.g. 0.5 for 50%")
     return s
 
 
+def check_nm(n: int, m: int) -> None:
+    if m < 1 or not (0 <= n <= m):
+        raise UserError(f"invalid N:M pattern {n}:{m}: need 0 <= N <= M and M >= 1")
+
+
 @dataclass(frozen=True)
 class Pattern:
-    """Mask structure. ``kind``: "unstructured" (n = m = 0), "nm" (n kept of every m), "mixed" (m fixed, n per block)."""
+    """Mask structure. ``kind``: "unstructured" (n = m = 0), "nm" (n kept of every m), "mixed" (m fixed, n per
+    block)."""
 
     kind: Literal["unstructured", "nm", "mixed"]
     n: int = 0
@@ -66,28 +72,34 @@ def parse_pattern(text: str) -> Pattern:
     raw = str(text)
     t = raw.strip().lower().replace(" ", "")
     hint = 'use "unstructured", "N:M" with N kept of every M (e.g. "2:4"), or "mixed:M" (e.g. "mixed:8")'
+
+    def bad(why: str = "") -> UserError:
+        if why:
+            return UserError(f"sparsity pattern {raw!r}: {why}; {hint}")
+        return UserError(f"unknown sparsity pattern {raw!r}: {hint}")
+
+    def number(part: str) -> int:
+        try:
+            return int(part)
+        except ValueError:
+            raise bad() from None
+
     if t == "unstructured":
         return Pattern("unstructured", 0, 0)
     parts = t.split(":")
     if len(parts) != 2:
-        raise UserError(f"unknown sparsity pattern {raw!r}: {hint}")
+        raise bad()
     a, b = parts
-    try:
-        m = int(b)
-    except ValueError:
-        raise UserError(f"unknown sparsity pattern {raw!r}: {hint}") from None
+    m = number(b)
     if m < 1:
-        raise UserError(f"sparsity pattern {raw!r}: M must be a positive integer; {hint}")
+        raise bad("M must be a positive integer")
     if a == "mixed":
         if m < 2:
             raise UserError(f"sparsity pattern {raw!r}: mixed N:M needs M >= 2 (e.g. \"mixed:8\")")
         return Pattern("mixed", 0, m)
-    try:
-        n = int(a)
-    except ValueError:
-        raise UserError(f"unknown sparsity pattern {raw!r}: {hint}") from None
+    n = number(a)
     if not 0 < n < m:
-        raise UserError(f"sparsity pattern {raw!r}: need 0 < N < M (N = kept weights of every M); {hint}")
+        raise bad("need 0 < N < M (N = kept weights of every M)")
     return Pattern("nm", n, m)
 
 
@@ -98,7 +110,7 @@ def unstructured_row_mask(scores: Tensor, sparsity: float) -> Tensor:
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
-    s = _check_sparsity(sparsity)
+    s = check_sparsity(sparsity)
     rows, cols = scores.shape
     k = prune_count(s, cols)
     mask = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
@@ -118,8 +130,7 @@ def nm_mask(scores: Tensor, n: int, m: int, *, name: str | None = None) -> Tenso
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
-    if m < 1 or not (0 <= n <= m):
-        raise UserError(f"invalid N:M pattern {n}:{m}: need 0 <= N <= M and M >= 1")
+    check_nm(n, m)
     rows, cols = scores.shape
     if cols % m != 0:
         who = f"layer {name} " if name else "a layer "
@@ -156,7 +167,7 @@ def mask_from_scores(
         return nm_mask(scores, pattern.n, pattern.m, name=name)
     if pattern.kind == "mixed":
         if n is None:
-            s = _check_sparsity(sparsity)
+            s = check_sparsity(sparsity)
             kept = (1.0 - s) * pattern.m
             n = int(round(kept))
             if abs(kept - n) > 1e-6:
@@ -225,7 +236,8 @@ def _weighted_exact_n(
         near = sorted({int(x) for x in ([below.max()] if below.size else []) + ([above.min()] if above.size else [])})
         hint = " or ".join(f"{1.0 - k / total:.6g}" for k in near)
         raise UserError(
-            f"mixed:{m} cannot reach exactly {s:.6g} sparsity with these block sizes; nearest reachable targets: {hint}"
+            f"mixed:{m} cannot reach exactly {s:.6g} sparsity with these block sizes; nearest reachable targets: "
+            f"{hint}"
         )
     ns = []
     for pick, wl in zip(reversed(picks), reversed(wi)):
@@ -259,7 +271,34 @@ def mixed_n_per_block(
     distance) that meets the budget exactly, or a UserError lists the nearest reachable targets.
     """
     L = len(rates)
-    if L == 0:
+    lo, hi = _mixed_bounds(L, m, min_n, max_n)
+    s = check_sparsity(target_sparsity)
+    w = [1.0] * L if weights is None else [float(x) for x in weights]
+    if len(w) != L or any(x <= 0 for x in w):
+        raise ValueError("weights must be positive, one per block")
+    equal = max(w) - min(w) <= 1e-12 * max(w)
+    wsum = math.fsum(w)
+    budget = (1.0 - s) * m * wsum  # target sum of w_l * N_l
+    _check_mixed_reachable(L, m, s, lo, hi, wsum, budget, equal)
+    vals = _shifted_ideal(rates, m, w, lo, hi, budget)
+    if equal:
+        ns = _largest_remainder(vals, w, lo, hi, budget)
+    else:
+        exact = _weighted_exact_n(vals, w, m, s, lo, hi)
+        if exact is not None:
+            return exact
+        ns = _greedy_weighted(vals, w, lo, hi, budget, wsum)
+    achieved = math.fsum(wi * n for wi, n in zip(w, ns))
+    if abs(achieved - budget) > 1e-9 * wsum:
+        raise UserError(
+            f"mixed:{m} cannot reach exactly {s:.6g} sparsity with these block sizes (closest found: "
+            f"{1 - achieved / (m * wsum):.6g}); choose a target that whole numbers of kept weights per block can meet"
+        )
+    return ns
+
+
+def _mixed_bounds(num_blocks: int, m: int, min_n: int, max_n: int | None) -> tuple[int, int]:
+    if num_blocks == 0:
         raise UserError("mixed N:M needs at least one block")
     if m < 1:
         raise UserError(f"mixed N:M needs M >= 1 (got {m})")
@@ -267,14 +306,12 @@ def mixed_n_per_block(
     lo = int(min_n)
     if not (0 <= lo <= hi <= m):
         raise UserError(f"mixed N:M bounds must satisfy 0 <= min_n <= max_n <= M={m} (got {lo}, {hi})")
-    s = _check_sparsity(target_sparsity)
-    w = [1.0] * L if weights is None else [float(x) for x in weights]
-    if len(w) != L or any(x <= 0 for x in w):
-        raise ValueError("weights must be positive, one per block")
-    equal = max(w) - min(w) <= 1e-12 * max(w)
-    wsum = math.fsum(w)
-    budget = (1.0 - s) * m * wsum  # target sum of w_l * N_l
+    return lo, hi
 
+
+def _check_mixed_reachable(L: int, m: int, s: float, lo: int, hi: int, wsum: float, budget: float,
+                           equal: bool) -> None:
+    """UserError when no choice of N in [lo, hi] can meet the budget (with the nearest reachable targets)."""
     if budget < lo * wsum - 1e-9 * wsum or budget > hi * wsum + 1e-9 * wsum:
         raise UserError(
             f"mixed:{m} cannot reach {s:.4g} sparsity with every block keeping between {lo} and {hi} of {m}: "
@@ -282,62 +319,60 @@ def mixed_n_per_block(
         )
     if equal:
         total = (1.0 - s) * m * L
-        k_total = round(total)
-        if abs(total - k_total) > 1e-6:
+        if abs(total - round(total)) > 1e-6:
             raise UserError(
                 f"mixed:{m} over {L} blocks cannot average exactly {s:.6g} sparsity: {L}*{m}*(1-{s:.6g}) = "
                 f"{total:.6g} kept weights per group-slot must be a whole number; nearest reachable targets: "
                 f"{_reachable_hint(L, m, s, lo * L, hi * L)}"
             )
 
+
+def _shifted_ideal(rates: Sequence[float], m: int, w: list[float], lo: int, hi: int, budget: float) -> list[float]:
+    """The ideal kept counts moved by one common shift t so that, clipped to [lo, hi], they meet the budget."""
     ideal = [(1.0 - float(r)) * m for r in rates]
 
     def clipped_sum(t: float) -> float:
         return math.fsum(wi * min(max(x + t, lo), hi) for wi, x in zip(w, ideal))
 
-    # Common shift t so the clipped ideal meets the budget (monotone in t: bisection).
-    a, b = -float(m) - 1.0, float(m) + 1.0
+    a, b = -float(m) - 1.0, float(m) + 1.0  # monotone in t: bisection
     for _ in range(200):
         mid = 0.5 * (a + b)
         if clipped_sum(mid) < budget:
             a = mid
         else:
             b = mid
-    vals = [min(max(x + b, lo), hi) for x in ideal]
+    return [min(max(x + b, lo), hi) for x in ideal]
+
+
+def _floors_and_order(vals: list[float], lo: int, hi: int) -> tuple[list[int], list[int]]:
+    """Every value floored into [lo, hi], and the blocks by largest remainder first (ties: earlier first)."""
     floors = [min(max(int(math.floor(v + 1e-9)), lo), hi) for v in vals]
     rema = [v - f for v, f in zip(vals, floors)]
-    order = sorted(range(L), key=lambda i: (-round(rema[i], 9), i))
-    ns = list(floors)
-    if equal:
-        need = int(round((budget - math.fsum(w[i] * ns[i] for i in range(L))) / w[0]))
-        for i in order:
-            if need <= 0:
-                break
-            if ns[i] < hi:
-                ns[i] += 1
-                need -= 1
-        # Guard (cannot normally trigger): fill any remaining units wherever there is room.
-        for i in range(L):
-            if need <= 0:
-                break
-            if ns[i] < hi:
-                ns[i] += 1
-                need -= 1
-    else:
-        exact = _weighted_exact_n(vals, w, m, s, lo, hi)
-        if exact is not None:
-            return exact
-        remaining = budget - math.fsum(w[i] * ns[i] for i in range(L))
-        for i in order:
-            if remaining <= 1e-9 * wsum:
-                break
-            if ns[i] < hi and w[i] <= remaining + 1e-9 * wsum:
-                ns[i] += 1
-                remaining -= w[i]
-    achieved = math.fsum(wi * n for wi, n in zip(w, ns))
-    if abs(achieved - budget) > 1e-9 * wsum:
-        raise UserError(
-            f"mixed:{m} cannot reach exactly {s:.6g} sparsity with these block sizes (closest found: "
-            f"{1 - achieved / (m * wsum):.6g}); choose a target that whole numbers of kept weights per block can meet"
-        )
+    return floors, sorted(range(len(vals)), key=lambda i: (-round(rema[i], 9), i))
+
+
+def _largest_remainder(vals: list[float], w: list[float], lo: int, hi: int, budget: float) -> list[int]:
+    """Equal weights: floor, then one more kept weight for the largest remainders until the budget is met."""
+    ns, order = _floors_and_order(vals, lo, hi)
+    need = int(round((budget - math.fsum(w[i] * ns[i] for i in range(len(ns)))) / w[0]))
+    # Then (cannot normally happen) any remaining units wherever there is room.
+    for i in order + list(range(len(ns))):
+        if need <= 0:
+            break
+        if ns[i] < hi:
+            ns[i] += 1
+            need -= 1
+    return ns
+
+
+def _greedy_weighted(vals: list[float], w: list[float], lo: int, hi: int, budget: float, wsum: float) -> list[int]:
+    """Unequal weights the exact programme could not take: largest remainders first while the budget allows."""
+    ns, order = _floors_and_order(vals, lo, hi)
+    remaining = budget - math.fsum(w[i] * ns[i] for i in range(len(ns)))
+    for i in order:
+        if remaining <= 1e-9 * wsum:
+            break
+        if ns[i] < hi and w[i] <= remaining + 1e-9 * wsum:
+            ns[i] += 1
+            remaining -= w[i]
     return ns

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .masks import prune_count, unstructured_row_mask
+from .masks import check_nm, check_sparsity, prune_count, unstructured_row_mask
 
 
 def _factor(H: Tensor, damp: float) -> Tensor | None:
@@ -75,6 +75,9 @@ def _tile_counts_even(k: int, cols: int, blocksize: int) -> list[int]:
     return counts
 
 
+RowBudget = Literal["adaptive", "refresh", "even", "tile"]
+
+
 def sparsegpt_prune(
     weight: Tensor,
     hessian: Tensor,
@@ -85,7 +88,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     *,
     max_retries: int = 5,
-    row_budget: Literal["adaptive", "refresh", "even", "tile"] = "adaptive",
+    row_budget: RowBudget = "adaptive",
     name: str | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """Prune ``weight`` [out, in] with SparseGPT given ``hessian`` [in, in] (= 2/n * sum x x^T).
@@ -100,16 +103,34 @@ def sparsegpt_prune(
     mask) and ``obs_loss`` (the OBS estimate of the added squared output error, summed over rows / 2).
     Does not modify its arguments.
     """
+    blocksize = _check_args(weight, hessian, sparsity, n, m, blocksize, row_budget, name)
+    who = f" for {name}" if name else ""
+    W, H, dead, mean_diag = _prepared(weight, hessian, who)
+    U, rel, retries = _damped_factor(H, percdamp, mean_diag, max_retries, who)
+    del H
+    sweep = _Sweep(W, U, sparsity, n, m, blocksize, row_budget)
+    keep, losses = sweep.run()
+    new_weight = W.to(dtype=weight.dtype)  # exact zeros stay exact in any dtype
+    info = {
+        "damping_retries": retries,
+        "damp": rel,
+        "damp_abs": rel * mean_diag,
+        "dead_inputs": int(dead.sum()),
+        "obs_loss": float(losses.sum()),
+    }
+    return new_weight, keep, info
+
+
+def _check_args(weight: Tensor, hessian: Tensor, sparsity: float, n: int, m: int, blocksize: int,
+                row_budget: str, name: str | None) -> int:
+    """Refuse what cannot be pruned; returns the tile width (a multiple of m for N:M)."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight inputs {cols}")
-    who = f" for {name}" if name else ""
-    nm = m > 0
-    if nm:
-        if not (0 <= n <= m):
-            raise UserError(f"invalid N:M pattern {n}:{m}: need 0 <= N <= M")
+    if m > 0:
+        check_nm(n, m)
         if cols % m != 0:
             raise UserError(
                 f"layer{' ' + name if name else ''} with weight shape {rows}x{cols} cannot be pruned {n}:{m}: "
@@ -117,14 +138,16 @@ def sparsegpt_prune(
             )
         blocksize = max(m, (blocksize // m) * m)
     else:
-        if not (0.0 <= float(sparsity) <= 1.0):
-            raise UserError(f"sparsity must be between 0 and 1 (got {sparsity})")
+        check_sparsity(sparsity)
     if row_budget not in ("adaptive", "refresh", "even", "tile"):
         raise ValueError(f"row_budget must be 'adaptive', 'refresh', 'even' or 'tile', got {row_budget!r}")
+    return blocksize
 
-    dev = weight.device
+
+def _prepared(weight: Tensor, hessian: Tensor, who: str) -> tuple[Tensor, Tensor, Tensor, float]:
+    """fp32 copies of W and H with dead inputs (H_jj = 0) neutralised; (W, H, dead, mean(diag H))."""
     W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(device=dev, dtype=torch.float32, copy=True)
+    H = hessian.detach().to(device=weight.device, dtype=torch.float32, copy=True)
     if not bool(torch.isfinite(H).all()):
         raise UserError(
             f"the calibration statistics{who} contain NaN/inf (activations overflowed); "
@@ -133,8 +156,12 @@ def sparsegpt_prune(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    mean_diag = float(torch.mean(torch.diag(H)))
+    return W, H, dead, float(torch.mean(torch.diag(H)))
 
+
+def _damped_factor(H: Tensor, percdamp: float, mean_diag: float, max_retries: int,
+                   who: str) -> tuple[Tensor, float, int]:
+    """(U, final relative damping, retries): 10x the damping after each failed Cholesky, up to max_retries."""
     rel = float(percdamp)
     if rel < 0 or math.isnan(rel):
         raise UserError(f"SparseGPT damping must be >= 0 (got {percdamp}); the default is 0.01")
@@ -154,61 +181,101 @@ def sparsegpt_prune(
             f"SparseGPT could not factor the Hessian{who} even with damping {rel:g} x mean(diag H); "
             "use more calibration samples or prune this layer with wanda"
         )
-    del H
+    return U, rel, retries
 
-    udiag = torch.diag(U)
-    # Per-row, per-tile prune counts (unstructured), fixed before any update so each row is exact.
-    tile_starts = list(range(0, cols, blocksize))
-    row_tile_counts: Tensor | None = None
-    if not nm:
-        k = prune_count(float(sparsity), cols)
-        if row_budget in ("tile", "refresh"):
-            row_tile_counts = None  # chosen per tile below
-            tile_totals = _tile_counts_even(rows * k, rows * cols, rows * blocksize)
-        elif row_budget == "even":
-            counts = _tile_counts_even(k, cols, blocksize)
-            row_tile_counts = torch.tensor(counts, device=dev).unsqueeze(0).expand(rows, -1)
+
+class _Sweep:
+    """The tile-by-tile OBS sweep over W (updated in place): choose each tile's pruned weights, prune them
+    column by column spreading each error over the tile, then spread the tile's errors over the rest."""
+
+    def __init__(self, W: Tensor, U: Tensor, sparsity: float, n: int, m: int, blocksize: int,
+                 row_budget: RowBudget) -> None:
+        self.W, self.U, self.n, self.m, self.blocksize, self.row_budget = W, U, n, m, blocksize, row_budget
+        self.rows, self.cols = W.shape
+        self.nm = m > 0
+        self.udiag = torch.diag(U)
+        self.tile_starts = list(range(0, self.cols, blocksize))
+        self.keep = torch.ones(self.rows, self.cols, dtype=torch.bool, device=W.device)
+        self.k = 0
+        self.row_tile_counts: Tensor | None = None
+        self.tile_totals: list[int] = []
+        if not self.nm:
+            self._row_budgets(float(sparsity))
+
+    def _row_budgets(self, sparsity: float) -> None:
+        """Per-row, per-tile prune counts (unstructured), fixed before any update so each row is exact."""
+        rows, cols, blocksize = self.rows, self.cols, self.blocksize
+        self.k = prune_count(sparsity, cols)
+        if self.row_budget in ("tile", "refresh"):  # chosen per tile in the sweep
+            self.tile_totals = _tile_counts_even(rows * self.k, rows * cols, rows * blocksize)
+        elif self.row_budget == "even":
+            counts = _tile_counts_even(self.k, cols, blocksize)
+            self.row_tile_counts = torch.tensor(counts, device=self.W.device).unsqueeze(0).expand(rows, -1)
         else:
-            init = W.square() / udiag.square().unsqueeze(0)
-            pruned = ~unstructured_row_mask(init, float(sparsity))
-            row_tile_counts = torch.stack(
-                [pruned[:, i1 : i1 + blocksize].sum(dim=1) for i1 in tile_starts], dim=1
+            init = self.W.square() / self.udiag.square().unsqueeze(0)
+            pruned = ~unstructured_row_mask(init, sparsity)
+            self.row_tile_counts = torch.stack(
+                [pruned[:, i1 : i1 + blocksize].sum(dim=1) for i1 in self.tile_starts], dim=1
             )
 
-    keep = torch.ones(rows, cols, dtype=torch.bool, device=dev)
-    losses = torch.zeros(rows, dtype=torch.float64, device=dev)
-    for t, i1 in enumerate(tile_starts):
-        i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        d1 = torch.diag(U1)
+    def run(self) -> tuple[Tensor, Tensor]:
+        """(keep mask, per-row OBS loss); W holds the pruned, updated weights afterwards."""
+        W, U, cols = self.W, self.U, self.cols
+        losses = torch.zeros(self.rows, dtype=torch.float64, device=W.device)
+        for t, i1 in enumerate(self.tile_starts):
+            i2 = min(i1 + self.blocksize, cols)
+            W1 = W[:, i1:i2].clone()
+            U1 = U[i1:i2, i1:i2]
+            d1 = torch.diag(U1)
+            prune1 = self._tile_choice(t, i1, W1, d1)
+            Err1 = self._prune_columns(W1, U1, d1, prune1)
+            keep1 = ~prune1
+            # Kept entries of column i are untouched by its own update (err = 0 there); pruned ones are set to
+            # an exact 0 rather than left at w - (w / U_ii) * U_ii, which round-off can leave at 1e-8.
+            W[:, i1:i2] = W1 * keep1
+            self.keep[:, i1:i2] = keep1
+            losses += Err1.double().square().sum(dim=1) / 2
+            if i2 < cols:
+                W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+        return self.keep, losses
+
+    def _tile_choice(self, t: int, i1: int, W1: Tensor, d1: Tensor) -> Tensor:
+        """The tile's unstructured choice (bool, True = prune) on the updated weights; N:M chooses per group."""
+        rows, count, dev = self.rows, W1.shape[1], W1.device
         prune1 = torch.zeros(rows, count, dtype=torch.bool, device=dev)
-        if not nm and row_budget == "refresh":
+        if self.nm:
+            return prune1
+        if self.row_budget == "refresh":
             # the row's remaining budget goes to its lowest saliencies over all not-yet-processed columns,
             # whose weights already carry the earlier tiles' updates; this tile takes those that fall in it
-            rem = k - (~keep[:, :i1]).sum(dim=1)
-            sal = W[:, i1:].square() / udiag[i1:].square().unsqueeze(0)
+            rem = self.k - (~self.keep[:, :i1]).sum(dim=1)
+            sal = self.W[:, i1:].square() / self.udiag[i1:].square().unsqueeze(0)
             order = torch.sort(sal, dim=1, stable=True).indices
-            take = torch.arange(cols - i1, device=dev).unsqueeze(0) < rem.unsqueeze(1)
+            take = torch.arange(self.cols - i1, device=dev).unsqueeze(0) < rem.unsqueeze(1)
             sel = torch.zeros_like(take).scatter_(1, order, take)
-            prune1 = sel[:, :count].contiguous()
-        elif not nm and row_tile_counts is None:  # reference: lowest fraction of the rows x tile block
-            kk = tile_totals[t]
+            return sel[:, :count].contiguous()
+        if self.row_tile_counts is None:  # reference: lowest fraction of the rows x tile block
+            kk = self.tile_totals[t]
             if kk > 0:
                 sal = (W1.square() / d1.square().unsqueeze(0)).reshape(-1)
                 prune1.view(-1)[torch.sort(sal, stable=True).indices[:kk]] = True
-        elif not nm:
-            kt = row_tile_counts[:, t]
-            if int(kt.max()) > 0:
-                sal = W1.square() / d1.square().unsqueeze(0)
-                order = torch.sort(sal, dim=1, stable=True).indices
-                take = torch.arange(count, device=dev).unsqueeze(0) < kt.unsqueeze(1)
-                prune1.scatter_(1, order, take)
+            return prune1
+        kt = self.row_tile_counts[:, t]
+        if int(kt.max()) > 0:
+            sal = W1.square() / d1.square().unsqueeze(0)
+            order = torch.sort(sal, dim=1, stable=True).indices
+            take = torch.arange(count, device=dev).unsqueeze(0) < kt.unsqueeze(1)
+            prune1.scatter_(1, order, take)
+        return prune1
+
+    def _prune_columns(self, W1: Tensor, U1: Tensor, d1: Tensor, prune1: Tensor) -> Tensor:
+        """Prune the tile column by column (N:M groups chosen at their first column), each column's error
+        (w - q) / U_ii spread over the tile's remaining columns; returns the tile's errors."""
+        n, m = self.n, self.m
+        Err1 = torch.zeros_like(W1)
         pf = prune1.to(W1.dtype)
-        for i in range(count):
-            if nm and i % m == 0 and n < m:
+        for i in range(W1.shape[1]):
+            if self.nm and i % m == 0 and n < m:
                 sal = W1[:, i : i + m].square() / d1[i : i + m].square().unsqueeze(0)
                 drop = torch.sort(sal, dim=1, stable=True).indices[:, : m - n]
                 prune1[:, i : i + m].scatter_(1, drop, True)
@@ -217,21 +284,4 @@ def sparsegpt_prune(
             err = W1[:, i] * pf[:, i] / d1[i]
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             Err1[:, i] = err
-        keep1 = ~prune1
-        # Kept entries of column i are untouched by its own update (err = 0 there); pruned ones are set to an
-        # exact 0 rather than left at w - (w / U_ii) * U_ii, which round-off can leave at 1e-8.
-        W[:, i1:i2] = W1 * keep1
-        keep[:, i1:i2] = keep1
-        losses += Err1.double().square().sum(dim=1) / 2
-        if i2 < cols:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
-
-    new_weight = W.to(dtype=weight.dtype)  # exact zeros stay exact in any dtype
-    info = {
-        "damping_retries": retries,
-        "damp": rel,
-        "damp_abs": rel * mean_diag,
-        "dead_inputs": int(dead.sum()),
-        "obs_loss": float(losses.sum()),
-    }
-    return new_weight, keep, info
+        return Err1

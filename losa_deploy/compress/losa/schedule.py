@@ -7,13 +7,17 @@ linearly, so later, harder steps get more trainable capacity.
 
 from __future__ import annotations
 
-from ..errors import UserError
+from ...errors import UserError
+
+
+def _check_steps(steps: int) -> None:
+    if steps < 1:
+        raise UserError(f"LoSA needs at least 1 step (got {steps})")
 
 
 def cubic_sparsity(target: float, step: int, steps: int) -> float:
     """S_t = S - S (1 - t/T)^3 for t = 1..T (S_T = S exactly)."""
-    if steps < 1:
-        raise UserError(f"LoSA needs at least 1 step (got {steps})")
+    _check_steps(steps)
     if not 1 <= step <= steps:
         raise ValueError(f"step {step} outside 1..{steps}")
     if step == steps:
@@ -23,15 +27,13 @@ def cubic_sparsity(target: float, step: int, steps: int) -> float:
 
 def sparsity_schedule(target: float, steps: int) -> list[float]:
     """[S_1, ..., S_T]."""
-    if steps < 1:
-        raise UserError(f"LoSA needs at least 1 step (got {steps})")
+    _check_steps(steps)
     return [cubic_sparsity(target, t, steps) for t in range(1, steps + 1)]
 
 
 def rank_schedule(rank_start: float, rank_end: float, steps: int) -> list[float]:
     """Omega_t growing linearly from `rank_start` (t=1) to `rank_end` (t=T); T = 1 gives [rank_end]."""
-    if steps < 1:
-        raise UserError(f"LoSA needs at least 1 step (got {steps})")
+    _check_steps(steps)
     if steps == 1:
         return [float(rank_end)]
     return [float(rank_start + (rank_end - rank_start) * (t - 1) / (steps - 1)) for t in range(1, steps + 1)]

@@ -5,8 +5,8 @@ passes: attention mask, position ids, rotary cos/sin, cache position) entering b
 in turn to a *visitor* together with its inputs; the visitor gathers statistics, prunes, measures, and the
 block's outputs become the next block's inputs. Only one block's activations (nsamples x seqlen x hidden) are
 alive at a time, samples go through a block one at a time, and with `offload` only the current block sits on
-the compute device. Pruning (`prune_sequential`), RMI's Gram matrices (`collect_block_grams`) and OWL's outlier
-ratios (`collect_outlier_ratios`) are three visitors on that one walk, so a fix to the data flow is made once.
+the compute device. Pruning (`prune.prune_sequential`), RMI's Gram matrices (`collect_block_grams`) and OWL's
+outlier ratios (`collect_outlier_ratios`) are visitors on that one walk, so a fix to the data flow is made once.
 """
 
 from __future__ import annotations
@@ -15,41 +15,31 @@ import contextlib
 import math
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .console import err
-from .cpu_gemm import gram
-from .model_parts import block_prefix, find_blocks, find_linears
-from .recipe import PruneSpec, pattern_parts
+from ..console import err
+from ..cpu_gemm import gram
+from ..model_parts import block_prefix, find_blocks, find_linears
 
 __all__ = [
-    "PruneSpec",
-    "PruneResult",
     "walk_blocks",
     "capture_block_inputs",
     "capture_block_kwargs",
     "run_block",
     "gather_stats",
-    "prune_sequential",
     "collect_block_grams",
     "collect_outlier_ratios",
     "collect_wanda_stats",
-    "RealisedSparsityError",
     "block_compute",
 ]
 
 
 class _Captured(Exception):
     """Raised by the block-0 pre-hook once its inputs are recorded, to skip the rest of the forward."""
-
-
-class RealisedSparsityError(RuntimeError):
-    """A pruned linear does not have the sparsity it was asked for: a bug, never silently accepted."""
 
 
 # Visitor(index, param-name prefix, block, inputs [n, seq, hidden], block kwargs) -> next inputs or None
@@ -85,7 +75,9 @@ def _block_autocast(hidden: Tensor):
 
 
 def _no_autocast(x: Tensor):
-    return torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext()
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,7 +231,7 @@ def run_block(block: nn.Module, hidden: Tensor, kwargs: dict, out: Tensor | None
 def _progress(desc: str, total: int, enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .progress import make_progress
+    from ..progress import make_progress
 
     return make_progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"),
@@ -383,200 +375,6 @@ def gather_stats(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# pruning
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class PruneResult:
-    """What a sequential prune did. Masks are bool (True = keep) on CPU, keyed by full weight name."""
-
-    masks: dict[str, Tensor] = field(default_factory=dict)
-    realised: dict[str, float] = field(default_factory=dict)
-    targets: dict[str, float] = field(default_factory=dict)
-    patterns: dict[str, str] = field(default_factory=dict)
-    block_rates: list[float] = field(default_factory=list)
-    block_nm: list[tuple[int, int] | None] = field(default_factory=list)
-    recon_error: list[float] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    sparsegpt_info: dict[str, dict] = field(default_factory=dict)
-
-
-def check_realised(name: str, weight: Tensor, mask: Tensor, target: float, n: int, m: int) -> float:
-    """Realised sparsity of a pruned linear; raises RealisedSparsityError if it misses its target.
-
-    Unstructured: every row zeroes floor(target*in) (so each row is within one weight of target*in).
-    N:M: every group of m inputs keeps exactly n. In both cases the weight is exactly 0 wherever the mask is.
-    """
-    rows, cols = mask.shape
-    if bool((weight.detach()[~mask.to(weight.device)] != 0).any()):
-        raise RealisedSparsityError(f"{name}: weights outside the mask are not zero")
-    if m:
-        kept = mask.reshape(rows, cols // m, m).sum(dim=-1)
-        if not bool((kept == n).all()):
-            raise RealisedSparsityError(f"{name}: not every group of {m} keeps exactly {n}")
-    else:
-        pruned_per_row = (~mask).sum(dim=1).float()
-        if bool(((pruned_per_row - target * cols).abs() > 1.0 + 1e-6).any()):
-            raise RealisedSparsityError(
-                f"{name}: a row's pruned count misses floor({target:.4f}*{cols}); realised {float(pruned_per_row.mean()) / cols:.4f}"
-            )
-    return 1.0 - float(mask.float().mean())
-
-
-def _swap_weights(block: nn.Module, prefix: str, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Put `state`'s tensors into `block` (by full name); return the displaced data to restore later."""
-    saved: dict[str, Tensor] = {}
-    for pname, p in block.named_parameters():
-        key = prefix + pname
-        if key in state:
-            saved[pname] = p.data
-            p.data = state[key].to(device=p.device, dtype=p.dtype)
-    return saved
-
-
-def _restore_weights(block: nn.Module, saved: dict[str, Tensor]) -> None:
-    for pname, p in block.named_parameters():
-        if pname in saved:
-            p.data = saved[pname]
-
-
-def recon_error(dense_out: Tensor, pruned_out: Tensor) -> float:
-    """METHODS §4: per output channel, ||dense - pruned|| / ||dense|| over all tokens, averaged over channels."""
-    d = dense_out.float().reshape(-1, dense_out.shape[-1])
-    p = pruned_out.float().reshape(-1, pruned_out.shape[-1])
-    num = (d - p).pow(2).sum(dim=0).sqrt()
-    den = d.pow(2).sum(dim=0).sqrt().clamp_min(1e-12)
-    return float((num / den).mean())
-
-
-@torch.no_grad()
-def prune_sequential(
-    model: nn.Module,
-    calib_ids: Tensor | None,
-    recipe: PruneSpec,
-    rates: Sequence[float],
-    *,
-    device: Any = "cpu",
-    offload: bool = False,
-    dense_state: dict[str, Tensor] | None = None,
-    block_hook: Callable[[int, nn.Module, dict[str, Tensor]], None] | None = None,
-    progress: bool = True,
-    dense_outputs: dict[int, Tensor] | None = None,
-) -> PruneResult:
-    """Prune every block in order, feeding each the outputs of the already-pruned blocks before it.
-
-    `rates`: one target sparsity per block (ignored for fixed N:M; for mixed:M, `recipe.n_per_block` decides).
-    `dense_state` ({full param name: tensor}): also record each block's reconstruction error (dense block on
-    dense inputs vs pruned block on pruned inputs), for LoSA's rank allocation.
-    `block_hook(index, block, {full weight name: mask})` runs after each block is pruned.
-    `dense_outputs`: a cache of the dense blocks' outputs on `calib_ids`, filled on the first call and read on
-    later ones (LoSA prunes T times with the same dense weights and calibration, so the reference is the same).
-    Magnitude without `dense_state` reads no data (`calib_ids` may be None) and runs no block.
-    """
-    from .pruning.masks import nm_mask, unstructured_row_mask
-    from .pruning.scores import magnitude_scores, wanda_scores
-    from .pruning.sparsegpt import sparsegpt_prune
-
-    if recipe.method not in ("magnitude", "wanda", "sparsegpt"):
-        raise ValueError(f"prune_sequential: unknown method {recipe.method!r}")
-    blocks_name, blocks = find_blocks(model)
-    if len(rates) != len(blocks):
-        raise ValueError(f"{len(rates)} rates for {len(blocks)} blocks")
-    kind, _, _ = pattern_parts(recipe.pattern)
-    if kind == "mixed" and (recipe.n_per_block is None or len(recipe.n_per_block) != len(blocks)):
-        raise ValueError("mixed pattern needs one N per block")
-    res = PruneResult()
-    t_stats = t_prune = t_recon = 0.0
-    dense_stream: dict[str, Tensor | None] = {"hidden": None}
-
-    def visit(i: int, prefix: str, block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
-        nonlocal t_stats, t_prune, t_recon
-        target, n, m = recipe.block_target(i, float(rates[i]))
-        res.block_rates.append(target)
-        res.block_nm.append((n, m) if m else None)
-        linears = find_linears(block, recipe.ignore, prefix=prefix)
-        t0 = time.perf_counter()
-        dense_out = None
-        if dense_state is not None and dense_outputs is not None and i in dense_outputs:
-            dense_out = dense_outputs[i]
-        elif dense_state is not None:
-            dh = dense_stream["hidden"] if dense_stream["hidden"] is not None else hidden
-            if i > 0 and dense_outputs is not None and i - 1 in dense_outputs:
-                dh = dense_outputs[i - 1]
-            saved = _swap_weights(block, prefix, dense_state)
-            dense_out = run_block(block, dh, kwargs)
-            _restore_weights(block, saved)
-            dense_stream["hidden"] = dense_out
-            if dense_outputs is not None:
-                dense_outputs[i] = dense_out
-        t_recon += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        stats: dict[str, _Stats] = {}
-        if recipe.method != "magnitude" and linears:
-            stats, _ = gather_stats(
-                block, linears, hidden, kwargs, need_sq=recipe.method == "wanda", need_h=recipe.method == "sparsegpt"
-            )
-        t_stats += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        block_masks: dict[str, Tensor] = {}
-        for lname, lin in linears.items():
-            full = f"{prefix}{lname}.weight"
-            W = lin.weight
-            if recipe.method == "sparsegpt":
-                new_w, mask, info = sparsegpt_prune(
-                    W.data, stats[lname].H, target, n=n, m=m, blocksize=recipe.blocksize,
-                    percdamp=recipe.percdamp, name=full,
-                )
-                res.sparsegpt_info[full] = {k: v for k, v in info.items() if isinstance(v, (int, float))}
-                if info.get("damping_retries", 0):
-                    msg = (f"SparseGPT: Cholesky failed on {full}; retried {info['damping_retries']} time(s), "
-                           f"final damping {info.get('damp', float('nan')):.3g} x mean diag(H)")
-                    res.warnings.append(msg)
-                    err.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
-                W.data.copy_(new_w.to(W.dtype))
-            else:
-                scores = magnitude_scores(W.data) if recipe.method == "magnitude" else wanda_scores(W.data, stats[lname].sq)
-                mask = nm_mask(scores, n, m, name=full) if m else unstructured_row_mask(scores, target)
-            mask = mask.to(W.device)
-            W.data.mul_(mask.to(W.dtype))
-            res.realised[full] = check_realised(full, W.data, mask, target, n, m)
-            res.targets[full] = target
-            res.patterns[full] = f"{n}:{m}" if m else "unstructured"
-            res.masks[full] = mask.cpu()
-            block_masks[full] = res.masks[full]
-        t_prune += time.perf_counter() - t0
-        if block_hook is not None:
-            block_hook(i, block, block_masks)
-        if hidden is None:  # the data-free magnitude path: nothing flows to the next block
-            return None  # type: ignore[return-value]
-        t0 = time.perf_counter()
-        out = run_block(block, hidden, kwargs)
-        if dense_out is not None:
-            res.recon_error.append(recon_error(dense_out, out))
-        t_stats += time.perf_counter() - t0  # the re-run is part of the data flow cost
-        return out
-
-    if recipe.method == "magnitude" and dense_state is None:
-        # Magnitude masks do not depend on the inputs, so no block needs to run: prune them in place, no data.
-        t0 = time.perf_counter()
-        with _progress(f"pruning ({recipe.method})", len(blocks), progress) as prog:
-            task = prog.add_task(f"pruning ({recipe.method})", total=len(blocks))
-            for i, blk in enumerate(blocks):
-                visit(i, block_prefix(blocks_name, i), blk, None, {})  # type: ignore[arg-type]
-                prog.update(task, advance=1)
-        res.timings = {"capture_s": 0.0, "forward_s": 0.0, "prune_s": t_prune, "dense_reference_s": 0.0,
-                       "total_s": time.perf_counter() - t0}
-        return res
-    if calib_ids is None:
-        raise ValueError(f"prune_sequential: {recipe.method} needs calibration ids")
-    walk = walk_blocks(model, calib_ids, visit, device=device, offload=offload, progress=progress,
-                       desc=f"pruning ({recipe.method})")
-    res.timings = {"capture_s": walk["capture_s"], "forward_s": t_stats, "prune_s": t_prune,
-                   "dense_reference_s": t_recon, "total_s": walk["total_s"]}
-    return res
-
-
-# ---------------------------------------------------------------------------------------------------------
 # allocation statistics on the same walk
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -619,7 +417,8 @@ def collect_wanda_stats(
             out[f"{prefix}{lname}.weight"] = stats[lname].sq.cpu()
         return y
 
-    walk_blocks(model, calib_ids, visit, device=device, offload=offload, progress=progress, desc=desc, last_output=False)
+    walk_blocks(model, calib_ids, visit, device=device, offload=offload, progress=progress, desc=desc,
+                last_output=False)
     return out
 
 
@@ -632,8 +431,8 @@ def collect_outlier_ratios(
 
     Pass `sq_stats` (from `collect_wanda_stats`) to reuse a dense pass already made.
     """
-    from .allocation import owl_outlier_ratio
-    from .pruning.scores import wanda_scores
+    from ..allocation import owl_outlier_ratio
+    from ..pruning.scores import wanda_scores
 
     if sq_stats is None:
         sq_stats = collect_wanda_stats(model, calib_ids, ignore=ignore, device=device, offload=offload,

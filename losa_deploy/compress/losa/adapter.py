@@ -26,7 +26,8 @@ class MaskedLoRA(nn.Module):
     """One linear's adapter. A: [r_max, in], B: [out, r_max]; `rank` active components; `mask` bool [out, in]."""
 
     def __init__(self, in_features: int, out_features: int, r_max: int, alpha: float, dropout: float,
-                 mask: Tensor | None = None, device: torch.device | str = "cpu", generator: torch.Generator | None = None):
+                 mask: Tensor | None = None, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None):
         super().__init__()
         if r_max < 1:
             raise ValueError(f"r_max must be >= 1 (got {r_max})")
@@ -94,7 +95,8 @@ class _FusedForward:
 
 
 def _fusable(linear: nn.Linear, adapter: MaskedLoRA) -> bool:
-    return isinstance(adapter.dropout, nn.Identity) and linear.weight.dtype == torch.float32 and type(linear) is nn.Linear
+    no_dropout = isinstance(adapter.dropout, nn.Identity)
+    return no_dropout and linear.weight.dtype == torch.float32 and type(linear) is nn.Linear
 
 
 @dataclass

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import write_with
-from ..errors import UserError
+from ...atomic import write_with
+from ...errors import UserError
 
 STATE_FILE = "losa_state.pt"
 # Settings that do not change what LoSA computes (where it writes, evaluation, resume itself).
@@ -67,9 +67,7 @@ def load_state(work_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | 
         raise UserError(f"--resume: cannot read LoSA checkpoint {path} ({type(e).__name__}); delete it to start over")
     old = state.get("fingerprint", {})
     if old != fingerprint:
-        from ..recipe import user_key
-
-        diff = sorted(user_key(k) for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         raise UserError(
             f"--resume: {path.parent} holds a LoSA run with a different recipe (differs in: {', '.join(diff)}); "
             "use the same settings or start a new --out"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ..errors import UserError
+from ...errors import UserError
 
 
 def _clip_redistribute(ideal: Sequence[float], total: float, lo: float, hi: float) -> list[float]:
