@@ -602,7 +602,7 @@ def check_inputs(opts: BenchOptions) -> None:
     """Inputs that a typo can break and that are read late (task files, perplexity text, --out): checked before any
     model is loaded, so the mistake costs a second, not a dense model's scoring."""
     from ..artifact import check_output_room
-    from ..recipe import check_data_path
+    from ..data import check_data_path
     from ..tasks.loaders import LOCAL_TASKS
 
     out = Path(opts.out).expanduser()
