@@ -49,7 +49,8 @@ def onednn_usable() -> bool:
         b = torch.randn(80, generator=g)
         ref = F.linear(x.double(), w.double(), b.double())
         got = _onednn_linear(x, w, b)
-        return got.shape == ref.shape and got.dtype == torch.float32 and bool(torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4))
+        close = bool(torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4))
+        return got.shape == ref.shape and got.dtype == torch.float32 and close
     except Exception:  # noqa: BLE001 - any failure means "not usable", and we fall back
         return False
 

@@ -50,6 +50,7 @@ def validate_manifest(man: Any, where: str) -> None:
     if man["schema"] != SCHEMA:
         raise UserError(f"{where}: manifest schema is '{man['schema']}', expected '{SCHEMA}'")
     if not isinstance(man["version"], int) or man["version"] > VERSION:
-        raise UserError(f"{where}: manifest version {man['version']} is newer than this losa-deploy understands ({VERSION}); upgrade losa-deploy")
+        raise UserError(f"{where}: manifest version {man['version']} is newer than this losa-deploy understands "
+                        f"({VERSION}); upgrade losa-deploy")
     if not isinstance(man["blocks"], list) or not isinstance(man["linears"], dict):
         raise UserError(f"{where}: manifest 'blocks' must be a list and 'linears' an object; re-run compress")
