@@ -63,7 +63,7 @@ def generate_self_ids(
     from .precision import autocast_ctx, bf16_autocast_supported
     from .progress import make_progress
 
-    from .atomic import write_text  # noqa: F401  (cache write below uses torch.save to a temp then rename)
+    from .atomic import write_with
 
     path = cache_dir() / "selfdata" / _cache_key(model, nsamples, seqlen, seed)
     if path.is_file():
@@ -99,8 +99,5 @@ def generate_self_ids(
             out.append(seq.cpu())
             progress.update(task, advance=bs)
     ids = torch.cat(out, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(ids, tmp)
-    tmp.replace(path)
+    write_with(path, lambda f: torch.save(ids, f))  # atomic: a concurrent run never reads half a cache file
     return ids
