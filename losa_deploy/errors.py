@@ -31,12 +31,16 @@ def raise_interrupted(signum: int, frame: object) -> None:
 
 def install_signal_handlers() -> dict[int, object]:
     """Handle SIGTERM (timeout, kill, batch schedulers) and SIGHUP (closed terminal) like SIGINT; returns the
-    previous handlers for `restore_signal_handlers` (nothing is installed outside the main thread)."""
+    previous handlers for `restore_signal_handlers` (nothing is installed outside the main thread).
+
+    A signal the parent set to ignore stays ignored: `nohup losa-deploy ...` must survive the terminal closing, as
+    a background job of a script survives Ctrl-C (Python itself leaves an inherited ignored SIGINT alone)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {s: signal.signal(s, raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    wanted = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+    return {s: signal.signal(s, raise_interrupted) for s in wanted}
 
 
 def restore_signal_handlers(previous: dict[int, object]) -> None:

@@ -182,14 +182,24 @@ def _losa_args(tiny: Path, text: Path) -> list[str]:
             "--batch-size", "2"]
 
 
+def _foreground_signals() -> None:
+    """The child gets the signal dispositions of a run started at a terminal, whatever started the tests (CI and
+    `nohup` start them with SIGINT/SIGHUP ignored, which the child would inherit and, rightly, keep)."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _start(tmp_path: Path, name: str, args: list[str], pause_at: str) -> tuple[subprocess.Popen, Path]:
     script = tmp_path / "child.py"
-    script.write_text(_CHILD)
+    if not script.exists():  # written once: rewriting it while an earlier child reads it gives that child an empty file
+        tmp = tmp_path / ".child.py.tmp"
+        tmp.write_text(_CHILD)
+        tmp.replace(script)
     ready = tmp_path / f"{name}.ready"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), READY=str(ready), PAUSE_AT=pause_at)
     with open(tmp_path / f"{name}.err", "w") as err:  # a file, not a pipe: a full pipe would stall the child
         p = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                             stderr=err)
+                             stderr=err, preexec_fn=_foreground_signals)
     return p, ready
 
 
@@ -248,6 +258,22 @@ def test_signals_clean_up_and_keep_losa_state(tiny_dir, text_file, tmp_path, mon
     assert json.loads(o)["losa"]["resumed_from_step"] == 1
     assert f"note: removed {stale.name}, left by an interrupted run" in e and not stale.exists()
     assert not (runs_dir / ".losa.losa-work").exists() and (runs_dir / "losa" / "losa_manifest.json").is_file()
+
+
+def test_an_ignored_signal_stays_ignored():
+    """`nohup losa-deploy ...` (SIGHUP ignored by the parent) keeps running when the terminal closes."""
+    from losa_deploy.errors import install_signal_handlers, raise_interrupted, restore_signal_handlers
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        previous = install_signal_handlers()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.SIGHUP not in previous
+        assert signal.getsignal(signal.SIGTERM) is raise_interrupted
+        restore_signal_handlers(previous)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def test_a_live_runs_partial_folder_is_not_removed(tmp_path):
