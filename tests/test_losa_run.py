@@ -235,7 +235,7 @@ def test_dense_lora_baseline_tiny(tmp_path, text_file):
     for name, mask in res.masks.items():
         w = model.get_parameter(name)
         assert torch.equal(w != 0, mask), name  # zero pattern == mask, exactly
-    # per linear: every row prunes floor(rate * in) weights of its block's RMI rate; the mean is the target
+    # per linear: every row within one weight of rate * in of its block's RMI rate; the mean is the target
     for name, mask in res.masks.items():
         assert abs(res.realised[name] - res.targets[name]) <= 1.0 / mask.shape[1] + 1e-6, name
     assert all(abs(r - 0.5) <= 0.0101 for r in res.block_rates)

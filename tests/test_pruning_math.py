@@ -53,11 +53,13 @@ def test_unstructured_row_mask_by_hand():
             [7.0, 7.0, 7.0, 7.0, 7.0],  # all tied: lowest indices are pruned first, exactly 2
         ]
     )
-    mask = unstructured_row_mask(scores, 0.5)  # floor(0.5 * 5) = 2 per row
+    # the layer prunes round(0.5 * 15) = 8: 2 per row, and the 2 left over go to the rows whose third-lowest
+    # score is lowest (row 1: 0.3, row 0: 3.0; row 2's is 7.0)
+    mask = unstructured_row_mask(scores, 0.5)
     expected = torch.tensor(
         [
-            [True, False, True, False, True],
-            [False, True, True, False, True],
+            [True, False, True, False, False],
+            [False, True, False, False, True],
             [False, False, True, True, True],
         ]
     )
@@ -89,10 +91,12 @@ def test_row_mask_prunes_exact_count_even_with_ties(rows, cols, s, seed):
     scores = torch.randint(0, 3, (rows, cols), generator=g).float()  # many ties
     mask = unstructured_row_mask(scores, s)
     k = math.floor(s * cols + 1e-9)
-    assert torch.equal((~mask).sum(dim=1), torch.full((rows,), k))
+    per_row = (~mask).sum(dim=1)
+    assert int(per_row.sum()) == math.floor(s * rows * cols + 0.5 + 1e-9)  # the layer is exact
+    assert bool(((per_row == k) | (per_row == k + 1)).all())  # each row within one weight of s * cols
     # every pruned score <= every kept score in its row
     for r in range(rows):
-        if 0 < k < cols:
+        if 0 < int(per_row[r]) < cols:
             assert scores[r][~mask[r]].max() <= scores[r][mask[r]].min()
 
 
@@ -364,7 +368,9 @@ def test_sparsegpt_row_counts_are_exact_property(rows, cols, blocksize, s, budge
     W = torch.randn(rows, cols, generator=g)
     new, mask, _ = sparsegpt_prune(W, H, s, blocksize=blocksize, row_budget=budget)
     k = math.floor(s * cols + 1e-9)
-    assert torch.equal((~mask).sum(dim=1), torch.full((rows,), k))
+    per_row = (~mask).sum(dim=1)
+    assert bool(((per_row == k) | (per_row == k + 1)).all())
+    assert int(per_row.sum()) == math.floor(s * rows * cols + 0.5 + 1e-9)
     assert (new[~mask] == 0).all() and torch.isfinite(new).all()
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..console import err
 from ..model_parts import block_prefix, find_blocks, find_linears
-from ..pruning.masks import Pattern, mask_from_scores
+from ..pruning.masks import Pattern, layer_prune_count, mask_from_scores
 from ..pruning.scores import magnitude_scores, wanda_scores
 from .sequential import _progress, _Stats, gather_stats, run_block, walk_blocks
 
@@ -72,7 +72,7 @@ class PruneResult:
 def check_realised(name: str, weight: Tensor, mask: Tensor, target: float, n: int, m: int) -> float:
     """Realised sparsity of a pruned linear; raises RealisedSparsityError if it misses its target.
 
-    Unstructured: every row zeroes floor(target*in) (so each row is within one weight of target*in).
+    Unstructured: every row within one weight of target*in, the layer exactly round(target*out*in).
     N:M: every group of m inputs keeps exactly n. In both cases the weight is exactly 0 wherever the mask is.
     """
     rows, cols = mask.shape
@@ -85,8 +85,11 @@ def check_realised(name: str, weight: Tensor, mask: Tensor, target: float, n: in
     else:
         pruned_per_row = (~mask).sum(dim=1).float()
         if bool(((pruned_per_row - target * cols).abs() > 1.0 + 1e-6).any()):
-            raise RealisedSparsityError(f"{name}: a row's pruned count misses floor({target:.4f}*{cols}); "
+            raise RealisedSparsityError(f"{name}: a row's pruned count is not within one of {target:.4f}*{cols}; "
                                         f"realised {float(pruned_per_row.mean()) / cols:.4f}")
+        if int(pruned_per_row.sum()) != layer_prune_count(target, rows, cols):
+            raise RealisedSparsityError(f"{name}: {int(pruned_per_row.sum())} weights pruned, the target "
+                                        f"{target:.4f} needs {layer_prune_count(target, rows, cols)}")
     return 1.0 - float(mask.float().mean())
 
 

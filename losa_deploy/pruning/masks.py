@@ -3,7 +3,9 @@
 Three structures, all compared within a row so that every output channel keeps the same number of
 inputs (Wanda's finding that per-output comparison beats per-layer comparison for LLMs):
 
-- unstructured: each row keeps all but exactly ``floor(s * in)`` weights;
+- unstructured: the layer zeroes exactly ``round(s * out * in)`` weights: every row ``floor(s * in)``, and
+  the remainder one more each in the rows whose next-lowest score is lowest (so a 70% layer is 70%, not
+  69.9%, and every row is within one weight of ``s * in``);
 - N:M (NVIDIA convention): in every group of M consecutive inputs of a row, N are KEPT (2:4 = 50%);
 - mixed N:M: a fixed M with a per-block N from the layer-wise allocation (``mixed_n_per_block``).
 
@@ -103,8 +105,31 @@ def parse_pattern(text: str) -> Pattern:
     return Pattern("nm", n, m)
 
 
+def layer_prune_count(sparsity: float, rows: int, cols: int) -> int:
+    """Weights to zero in a rows x cols layer: ``s * rows * cols`` rounded half up, robust to float round-off."""
+    return int(math.floor(sparsity * rows * cols + 0.5 + _EPS))
+
+
+def row_prune_counts(sorted_scores: Tensor, sparsity: float) -> Tensor:
+    """Per-row prune counts (int64 [rows]) summing to ``layer_prune_count``: ``floor(s * in)`` for every row,
+    one more for the rows whose next candidate (column ``floor(s * in)`` of the row-sorted scores) is lowest.
+
+    Why not floor per row alone: it loses up to one weight per row, 0.1% of a 576-wide layer, and the
+    pipeline promises the target sparsity, not the nearest lower one.
+    """
+    rows, cols = sorted_scores.shape
+    total = min(layer_prune_count(sparsity, rows, cols), rows * cols)
+    base = min(total // rows, cols)
+    counts = torch.full((rows,), base, dtype=torch.long, device=sorted_scores.device)
+    extra = total - base * rows
+    if extra > 0:
+        nxt = sorted_scores[:, base]
+        counts[torch.sort(nxt, stable=True).indices[:extra]] += 1
+    return counts
+
+
 def unstructured_row_mask(scores: Tensor, sparsity: float) -> Tensor:
-    """Keep-mask zeroing exactly ``floor(sparsity * in)`` lowest-scoring weights of every row.
+    """Keep-mask zeroing the lowest-scoring weights of every row, ``row_prune_counts`` of them.
 
     Uses a stable sort (ties: lower input index pruned first), so the count is exact even when scores tie.
     """
@@ -112,12 +137,13 @@ def unstructured_row_mask(scores: Tensor, sparsity: float) -> Tensor:
         raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
     s = check_sparsity(sparsity)
     rows, cols = scores.shape
-    k = prune_count(s, cols)
     mask = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
-    if k == 0:
+    if layer_prune_count(s, rows, cols) == 0:
         return mask
-    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-    mask.scatter_(1, order, False)
+    srt = torch.sort(scores, dim=1, stable=True)
+    counts = row_prune_counts(srt.values, s)
+    keep_sorted = torch.arange(cols, device=scores.device).unsqueeze(0) >= counts.unsqueeze(1)
+    mask.scatter_(1, srt.indices, keep_sorted)
     return mask
 
 

@@ -11,11 +11,12 @@ Two deliberate differences from the reference:
 1. Unstructured row-exact budget. The reference picks the lowest ``sparsity`` fraction of
    ``w^2 / U_jj^2`` across the whole rows x tile block, so a row's realised sparsity drifts from the
    target (on SmolLM2-135M, rows of a 50% layer end anywhere from 18% to 93% pruned). Here every row zeroes
-   exactly ``floor(s * in)`` weights, as the pipeline's realised-sparsity check requires. How a row's
+   a fixed count, ``masks.row_prune_counts`` of the initial saliency (``floor(s * in)`` or one more, the
+   layer exactly ``round(s * out * in)``), as the pipeline's realised-sparsity check requires. How a row's
    budget is split over the tiles (``row_budget``):
 
    - ``"adaptive"`` (default): from the initial saliency ``W^2 / diag(U)^2``; row r prunes in tile t
-     as many weights as its ``floor(s * in)`` lowest initial saliencies have in tile t;
+     as many weights as its budgeted lowest initial saliencies have in tile t;
    - ``"refresh"``: before each tile, the row's remaining budget goes to its lowest saliencies over all
      columns not yet processed, whose weights already carry the earlier tiles' updates; the tile takes
      those that fall in it (slightly lower error than "adaptive", one extra sort per tile);
@@ -23,7 +24,7 @@ Two deliberate differences from the reference:
 
    Within a tile the choice is made on the *updated* weights, as in the reference. Counts are exact in
    all three. ``"tile"`` is the reference's cross-row choice with the layer total made equal to the
-   row-exact total (``rows * floor(s * in)``, split over tiles by width): same layer sparsity, rows free
+   row-exact total (split over tiles by width): same layer sparsity, rows free
    to differ. It gives a lower layer error but fails the per-row check; it is here for comparisons.
 2. Cholesky failures (``H`` not positive definite after damping) are retried with 10x the damping, up
    to ``max_retries`` times, instead of crashing; the retries are reported in the info dict.
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .masks import check_nm, check_sparsity, prune_count, unstructured_row_mask
+from .masks import check_nm, check_sparsity, row_prune_counts
 
 
 def _factor(H: Tensor, damp: float) -> Tensor | None:
@@ -93,7 +94,7 @@ def sparsegpt_prune(
 ) -> tuple[Tensor, Tensor, dict]:
     """Prune ``weight`` [out, in] with SparseGPT given ``hessian`` [in, in] (= 2/n * sum x x^T).
 
-    ``m == 0``: unstructured, each row zeroes exactly ``floor(sparsity * in)`` weights.
+    ``m == 0``: unstructured, each row zeroes exactly its ``row_prune_counts`` budget.
     ``m > 0``: N:M with ``n`` kept of every ``m`` consecutive inputs (``sparsity`` is then ignored).
 
     Returns ``(new_weight, keep_mask, info)``: ``new_weight`` in the input dtype/device with exact zeros
@@ -196,24 +197,28 @@ class _Sweep:
         self.udiag = torch.diag(U)
         self.tile_starts = list(range(0, self.cols, blocksize))
         self.keep = torch.ones(self.rows, self.cols, dtype=torch.bool, device=W.device)
-        self.k = 0
+        self.k = torch.zeros(self.rows, dtype=torch.long, device=W.device)
         self.row_tile_counts: Tensor | None = None
         self.tile_totals: list[int] = []
         if not self.nm:
             self._row_budgets(float(sparsity))
 
     def _row_budgets(self, sparsity: float) -> None:
-        """Per-row, per-tile prune counts (unstructured), fixed before any update so each row is exact."""
+        """Per-row, per-tile prune counts (unstructured), fixed before any update so each row is exact. The rows'
+        totals are ``row_prune_counts`` of the initial saliencies: the layer prunes exactly its share."""
         rows, cols, blocksize = self.rows, self.cols, self.blocksize
-        self.k = prune_count(sparsity, cols)
+        init = self.W.square() / self.udiag.square().unsqueeze(0)
+        srt = torch.sort(init, dim=1, stable=True)
+        self.k = row_prune_counts(srt.values, sparsity)
         if self.row_budget in ("tile", "refresh"):  # chosen per tile in the sweep
-            self.tile_totals = _tile_counts_even(rows * self.k, rows * cols, rows * blocksize)
+            self.tile_totals = _tile_counts_even(int(self.k.sum()), rows * cols, rows * blocksize)
         elif self.row_budget == "even":
-            counts = _tile_counts_even(self.k, cols, blocksize)
-            self.row_tile_counts = torch.tensor(counts, device=self.W.device).unsqueeze(0).expand(rows, -1)
+            per_k = {k: _tile_counts_even(k, cols, blocksize) for k in self.k.unique().tolist()}
+            self.row_tile_counts = torch.tensor([per_k[k] for k in self.k.tolist()], device=self.W.device)
         else:
-            init = self.W.square() / self.udiag.square().unsqueeze(0)
-            pruned = ~unstructured_row_mask(init, sparsity)
+            pruned = torch.zeros(rows, cols, dtype=torch.bool, device=self.W.device)
+            take = torch.arange(cols, device=self.W.device).unsqueeze(0) < self.k.unsqueeze(1)
+            pruned.scatter_(1, srt.indices, take)
             self.row_tile_counts = torch.stack(
                 [pruned[:, i1 : i1 + blocksize].sum(dim=1) for i1 in self.tile_starts], dim=1
             )
