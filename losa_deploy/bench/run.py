@@ -618,17 +618,12 @@ def check_inputs(opts: BenchOptions) -> None:
     check_output_room(out, 16 * 2**20)
 
 
-def _run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
-    import torch
-
+def _checked_inputs(opts: BenchOptions) -> tuple[Path, Path, dict[str, Any], Any]:
+    """Every user input checked before anything is loaded or written: (sparse dir, dense dir, dense config.json,
+    the dense model's HF config)."""
     from ..artifact import check_masks
-    from ..console import err, out
     from ..models import resolve_model
-    from .bounds import inventory_from_dir, measure_bandwidth, measure_peak_flops
-    from .latency import LatencySettings
-    from .report import new_report, rich_tables, write_report
-    from .shapes import build_shape_pair, linear_rates_from_model, validate_blocks
-    from .timing import resolve_threads
+    from .shapes import validate_blocks
 
     if opts.sparse_dir is None:
         raise UserError("give SPARSE_DIR (a compressed model directory), or only --compare REPORT.json ...")
@@ -669,17 +664,98 @@ def _run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
         validate_blocks(opts.blocks)
     if opts.sparsity is not None and not 0 <= opts.sparsity < 1:
         raise UserError(f"--sparsity must be in [0, 1) (got {opts.sparsity})")
+    return sparse_dir, dense_dir, dense_cfg, hf_cfg
+
+
+def _machine_rates(threads: int) -> dict[str, Any]:
+    from ..console import err
+    from .bounds import measure_bandwidth, measure_peak_flops
+
+    err.print(f"measuring machine peaks ({threads} threads)")
+    fl = measure_peak_flops(threads)
+    bw = measure_bandwidth(threads=threads)
+    return {"flops_per_s": fl["flops_per_s"], "flops_method": fl["method"], "bytes_per_s": bw["bytes_per_s"],
+            "bandwidth_method": bw["method"]}
+
+
+def _latency_suites(opts: BenchOptions, rep: dict[str, Any], sparse_dir: Path, dense_dir: Path,
+                    dense_cfg: dict[str, Any], runtimes: list[str], skipped: dict[str, str], variants: Any,
+                    settings: Any, threads: int, out_dir: Path) -> None:
+    """The real model's suite and, with --shapes, the synthetic blocks' suite, appended to `rep["suites"]`."""
+    from ..console import err
+    from .shapes import build_shape_pair, linear_rates_from_model
+
+    rates = rep["machine_rates"] = _machine_rates(threads)
+    suites_rts = [r for r in runtimes if r not in GPU_RUNTIMES] + [r for r in runtimes if r in GPU_RUNTIMES]
+    if not (opts.shapes and opts.skip_model_latency):
+        title = (f"{sparse_dir.name} vs {opts.baseline} ({dense_cfg.get('model_type')}, "
+                 f"{dense_cfg.get('num_hidden_layers')} blocks)")
+        rep["suites"].append(latency_suite("model", title, dense_dir, sparse_dir, suites_rts, skipped, settings,
+                                           threads, out_dir / "exports" / "model", rates, opts.progress,
+                                           variants=variants))
+    if opts.shapes:
+        lr: dict[str, float] | float = (
+            opts.sparsity if opts.sparsity is not None else linear_rates_from_model(sparse_dir)
+        )
+        tag = f"{opts.shapes}-{opts.blocks}b-" + (f"s{opts.sparsity:g}" if opts.sparsity is not None else "rates")
+        shape_root = out_dir / "shapes" / tag
+        err.print(f"building {opts.blocks} {opts.shapes}-shaped blocks (dense + sparse) in {shape_root}")
+        info = build_shape_pair(
+            shape_root, shape=opts.shapes, blocks=opts.blocks, rates=lr, seed=opts.seed, progress=opts.progress
+        )
+        suite = latency_suite(
+            f"shapes:{opts.shapes}x{opts.blocks}",
+            f"{opts.blocks} random decoder blocks with {opts.shapes} shapes, magnitude-pruned per row; "
+            f"{info['settings']['lm_head']}",
+            Path(info["dense_dir"]), Path(info["sparse_dir"]), suites_rts, skipped, settings, threads,
+            shape_root / "exports", rates, opts.progress, variants=variants,
+        )
+        suite["shapes"] = info["settings"]
+        rep["suites"].append(suite)
+
+
+def _reprobe_rates(rep: dict[str, Any], threads: int) -> None:
+    """Probe again after the suites: a probe disturbed by another process reads low, never high; keep the higher,
+    and recompute every suite's share of bound with it."""
+    from .report import apply_rates
+
+    second = _machine_rates(threads)
+    rates2 = dict(rep["machine_rates"])
+    later = " (second probe, after the suites)"
+    if second["flops_per_s"] > rates2["flops_per_s"]:
+        rates2.update(flops_per_s=second["flops_per_s"], flops_method=second["flops_method"] + later)
+    if second["bytes_per_s"] > rates2["bytes_per_s"]:
+        rates2.update(bytes_per_s=second["bytes_per_s"], bandwidth_method=second["bandwidth_method"] + later)
+    rates2["probes"] = {"flops_per_s": [rep["machine_rates"]["flops_per_s"], second["flops_per_s"]],
+                        "bytes_per_s": [rep["machine_rates"]["bytes_per_s"], second["bytes_per_s"]]}
+    rep["machine_rates"] = rates2
+    for suite in rep["suites"]:
+        apply_rates(suite, rates2)
+
+
+def _print_report(rep: dict[str, Any]) -> None:
+    from ..console import out
+    from .report import headline_lines, rich_tables
+
+    for t in rich_tables(rep):
+        out.print(t)
+    for line in headline_lines(rep):
+        out.print(f"headline speed-up, {line}", soft_wrap=True, markup=False)
+    for f in rep["flags"]:
+        out.print(f"flag: too wide to quote: {f}", soft_wrap=True, markup=False, style="yellow")
+
+
+def _run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
+    from .bounds import inventory_from_dir
+    from .latency import LatencySettings
+    from .pairs import MAX_REL_WIDTH, MIN_PAIRS
+    from .report import new_report, write_report
+    from .timing import resolve_threads
+
+    sparse_dir, dense_dir, dense_cfg, hf_cfg = _checked_inputs(opts)
     threads = resolve_threads(opts.threads)
-    settings = LatencySettings(
-        tuple(opts.prompt_lens),
-        opts.decode_past,
-        opts.decode_tokens,
-        opts.gen_tokens,
-        opts.batch,
-        opts.warmup,
-        opts.repeats,
-        opts.seed,
-    )
+    settings = LatencySettings(tuple(opts.prompt_lens), opts.decode_past, opts.decode_tokens, opts.gen_tokens,
+                               opts.batch, opts.warmup, opts.repeats, opts.seed)
     names, variants = split_variants(opts.runtimes)
     runtimes, skipped = ([], {}) if opts.skip_latency else select_runtimes(names)
     runtimes = onnx_runtimes_for(hf_cfg, runtimes, skipped, explicit=opts.runtimes is not None)
@@ -687,131 +763,38 @@ def _run_bench(opts: BenchOptions) -> tuple[dict[str, Any], dict[str, Path]]:
     out_dir = Path(opts.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rep = new_report(
-        {
-            "threads": threads,
-            "latency": settings.to_dict(),
-            "runtimes_requested": list(opts.runtimes) if opts.runtimes else None,
-            "runtimes_run": runtimes,
-            "runtimes_skipped": skipped,
-            "shapes": opts.shapes,
-            "blocks": opts.blocks if opts.shapes else None,
-            "sparsity_override": opts.sparsity,
-            "skip_accuracy": opts.skip_accuracy,
-            "skip_latency": opts.skip_latency,
-        },
+        {"threads": threads, "latency": settings.to_dict(),
+         "runtimes_requested": list(opts.runtimes) if opts.runtimes else None, "runtimes_run": runtimes,
+         "runtimes_skipped": skipped, "shapes": opts.shapes, "blocks": opts.blocks if opts.shapes else None,
+         "sparsity_override": opts.sparsity, "skip_accuracy": opts.skip_accuracy, "skip_latency": opts.skip_latency},
         opts.command or sys.argv,
     )
-    inv_s = inventory_from_dir(sparse_dir)
-    inv_d = inventory_from_dir(dense_dir)
-    rep["models"] = {
-        "dense": model_facts(dense_dir, opts.baseline, inv_d),
-        "sparse": model_facts(sparse_dir, str(sparse_dir), inv_s),
-    }
+    inv_s, inv_d = inventory_from_dir(sparse_dir), inventory_from_dir(dense_dir)
+    rep["models"] = {"dense": model_facts(dense_dir, opts.baseline, inv_d),
+                     "sparse": model_facts(sparse_dir, str(sparse_dir), inv_s)}
     bs = block_sparsity(sparse_dir, inv_s)
     rep["models"]["sparse"]["block_sparsity"] = bs
     rep["notes"].append("figures are medians over repeats after warm-up; peak RSS is the whole process's high-water "
                         "mark during the suite (all runtimes of a shape are loaded together); load_rss_bytes is the "
                         "resident growth when that side's runner was built")
-    if skipped:
-        rep["notes"] += [f"runtime {k} skipped: {v}" for k, v in skipped.items()]
+    rep["notes"] += [f"runtime {k} skipped: {v}" for k, v in skipped.items()]
     if not opts.skip_latency and runtimes:
-        err.print(f"measuring machine peaks ({threads} threads)")
-        fl = measure_peak_flops(threads)
-        bw = measure_bandwidth(threads=threads)
-        rates = {
-            "flops_per_s": fl["flops_per_s"],
-            "flops_method": fl["method"],
-            "bytes_per_s": bw["bytes_per_s"],
-            "bandwidth_method": bw["method"],
-        }
-        rep["machine_rates"] = rates
-        cpu_rts = [r for r in runtimes if r not in GPU_RUNTIMES]
-        gpu_rts = [r for r in runtimes if r in GPU_RUNTIMES]
-        suites_rts = [rt for rt in cpu_rts + gpu_rts]
-        export_root = out_dir / "exports"
-        if not (opts.shapes and opts.skip_model_latency):
-            rep["suites"].append(
-                latency_suite(
-                    "model",
-                    f"{sparse_dir.name} vs {opts.baseline} ({dense_cfg.get('model_type')}, "
-                    f"{dense_cfg.get('num_hidden_layers')} blocks)",
-                    dense_dir,
-                    sparse_dir,
-                    suites_rts,
-                    skipped,
-                    settings,
-                    threads,
-                    export_root / "model",
-                    rates,
-                    opts.progress,
-                    variants=variants,
-                )
-            )
-        if opts.shapes:
-            lr: dict[str, float] | float = (
-                opts.sparsity if opts.sparsity is not None else linear_rates_from_model(sparse_dir)
-            )
-            tag = f"{opts.shapes}-{opts.blocks}b-" + (f"s{opts.sparsity:g}" if opts.sparsity is not None else "rates")
-            shape_root = out_dir / "shapes" / tag
-            err.print(f"building {opts.blocks} {opts.shapes}-shaped blocks (dense + sparse) in {shape_root}")
-            info = build_shape_pair(
-                shape_root, shape=opts.shapes, blocks=opts.blocks, rates=lr, seed=opts.seed, progress=opts.progress
-            )
-            suite = latency_suite(
-                f"shapes:{opts.shapes}x{opts.blocks}",
-                f"{opts.blocks} random decoder blocks with {opts.shapes} shapes, magnitude-pruned per row; "
-                f"{info['settings']['lm_head']}",
-                Path(info["dense_dir"]),
-                Path(info["sparse_dir"]),
-                suites_rts,
-                skipped,
-                settings,
-                threads,
-                shape_root / "exports",
-                rates,
-                opts.progress,
-                variants=variants,
-            )
-            suite["shapes"] = info["settings"]
-            rep["suites"].append(suite)
+        _latency_suites(opts, rep, sparse_dir, dense_dir, dense_cfg, runtimes, skipped, variants, settings, threads,
+                        out_dir)
     if not opts.skip_accuracy:
         rep["accuracy"] = accuracy(
             opts, str(dense_dir) if opts.baseline is None else opts.baseline, sparse_dir, rep["notes"]
         )
-    if rep["suites"]:  # probe again: a probe disturbed by another process reads low, never high; keep the higher
-        err.print(f"measuring machine peaks again ({threads} threads)")
-        fl2, bw2 = measure_peak_flops(threads), measure_bandwidth(threads=threads)
-        rates2 = dict(rep["machine_rates"])
-        later = " (second probe, after the suites)"
-        if fl2["flops_per_s"] > rates2["flops_per_s"]:
-            rates2.update(flops_per_s=fl2["flops_per_s"], flops_method=fl2["method"] + later)
-        if bw2["bytes_per_s"] > rates2["bytes_per_s"]:
-            rates2.update(bytes_per_s=bw2["bytes_per_s"], bandwidth_method=bw2["method"] + later)
-        rates2["probes"] = {"flops_per_s": [rep["machine_rates"]["flops_per_s"], fl2["flops_per_s"]],
-                            "bytes_per_s": [rep["machine_rates"]["bytes_per_s"], bw2["bytes_per_s"]]}
-        rep["machine_rates"] = rates2
-        from .report import apply_rates
-
-        for suite in rep["suites"]:
-            apply_rates(suite, rates2)
+    if rep["suites"]:
+        _reprobe_rates(rep, threads)
     rep["flags"] = [f"{suite['name']}: {f}" for suite in rep["suites"] for f in suite.get("flags") or []]
     if rep["suites"]:
-        from .pairs import MAX_REL_WIDTH, MIN_PAIRS
-
         rep["notes"].append(f"speed-ups: dense and sparse repetitions interleaved round by round; each speed-up is the "
                             f"median of per-round ratios with a distribution-free interval of that median; one is "
-                            f"too wide "
-                            f"to quote (flagged) with < {MIN_PAIRS} pairs or an interval wider than "
+                            f"too wide to quote (flagged) with < {MIN_PAIRS} pairs or an interval wider than "
                             f"{100 * MAX_REL_WIDTH:.0f}% of the median")
     paths = write_report(rep, out_dir, bs)
-    for t in rich_tables(rep):
-        out.print(t)
-    from .report import headline_lines
-
-    for line in headline_lines(rep):
-        out.print(f"headline speed-up, {line}", soft_wrap=True, markup=False)
-    for f in rep["flags"]:
-        out.print(f"flag: too wide to quote: {f}", soft_wrap=True, markup=False, style="yellow")
+    _print_report(rep)
     return rep, paths
 
 
