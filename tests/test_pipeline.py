@@ -165,9 +165,15 @@ def test_magnitude_masks_match_inline_magnitude_and_per_block_rates():
     assert res.timings["forward_s"] == 0.0
     for full, (bi, lin) in prunable_linears(ref).items():
         w = lin.weight.detach()
-        k = int(rates[bi] * w.shape[1] + 1e-9)
+        rows, cols = w.shape
+        total = int(rates[bi] * rows * cols + 0.5 + 1e-9)  # the layer's exact count, rounded half up
+        srt = torch.sort(w.abs(), dim=1, stable=True)
+        k = [total // rows] * rows  # every row, then one more in the rows whose next-smallest |w| is smallest
+        for r in torch.sort(srt.values[:, total // rows], stable=True).indices[: total - rows * (total // rows)]:
+            k[int(r)] += 1
         expect = torch.ones_like(w, dtype=torch.bool)
-        expect.scatter_(1, torch.sort(w.abs(), dim=1, stable=True).indices[:, :k], False)
+        for r in range(rows):
+            expect[r, srt.indices[r, : k[r]]] = False
         assert torch.equal(res.masks[full], expect), full
     assert res.block_rates == rates
 
