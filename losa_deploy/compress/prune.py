@@ -87,9 +87,9 @@ def check_realised(name: str, weight: Tensor, mask: Tensor, target: float, n: in
         if bool(((pruned_per_row - target * cols).abs() > 1.0 + 1e-6).any()):
             raise RealisedSparsityError(f"{name}: a row's pruned count is not within one of {target:.4f}*{cols}; "
                                         f"realised {float(pruned_per_row.mean()) / cols:.4f}")
-        if int(pruned_per_row.sum()) != layer_prune_count(target, rows, cols):
-            raise RealisedSparsityError(f"{name}: {int(pruned_per_row.sum())} weights pruned, the target "
-                                        f"{target:.4f} needs {layer_prune_count(target, rows, cols)}")
+        pruned, needed = int(pruned_per_row.sum()), layer_prune_count(target, rows, cols)
+        if pruned != needed:
+            raise RealisedSparsityError(f"{name}: {pruned} weights pruned, the target {target:.4f} needs {needed}")
     return 1.0 - float(mask.float().mean())
 
 

@@ -118,14 +118,21 @@ def row_prune_counts(sorted_scores: Tensor, sparsity: float) -> Tensor:
     pipeline promises the target sparsity, not the nearest lower one.
     """
     rows, cols = sorted_scores.shape
-    total = min(layer_prune_count(sparsity, rows, cols), rows * cols)
-    base = min(total // rows, cols)
+    total = layer_prune_count(sparsity, rows, cols)  # <= rows * cols for sparsity <= 1
+    base = total // rows
     counts = torch.full((rows,), base, dtype=torch.long, device=sorted_scores.device)
     extra = total - base * rows
     if extra > 0:
         nxt = sorted_scores[:, base]
         counts[torch.sort(nxt, stable=True).indices[:extra]] += 1
     return counts
+
+
+def keep_from_counts(sorted_indices: Tensor, counts: Tensor) -> Tensor:
+    """Keep-mask pruning, in every row r, the first ``counts[r]`` inputs of ``sorted_indices[r]`` (lowest first)."""
+    cols = sorted_indices.shape[1]
+    keep_sorted = torch.arange(cols, device=sorted_indices.device).unsqueeze(0) >= counts.unsqueeze(1)
+    return torch.empty_like(keep_sorted).scatter_(1, sorted_indices, keep_sorted)
 
 
 def unstructured_row_mask(scores: Tensor, sparsity: float) -> Tensor:
@@ -137,14 +144,10 @@ def unstructured_row_mask(scores: Tensor, sparsity: float) -> Tensor:
         raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
     s = check_sparsity(sparsity)
     rows, cols = scores.shape
-    mask = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
     if layer_prune_count(s, rows, cols) == 0:
-        return mask
+        return torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
     srt = torch.sort(scores, dim=1, stable=True)
-    counts = row_prune_counts(srt.values, s)
-    keep_sorted = torch.arange(cols, device=scores.device).unsqueeze(0) >= counts.unsqueeze(1)
-    mask.scatter_(1, srt.indices, keep_sorted)
-    return mask
+    return keep_from_counts(srt.indices, row_prune_counts(srt.values, s))
 
 
 def nm_mask(scores: Tensor, n: int, m: int, *, name: str | None = None) -> Tensor:

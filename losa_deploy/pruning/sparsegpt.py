@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .masks import check_nm, check_sparsity, row_prune_counts
+from .masks import check_nm, check_sparsity, keep_from_counts, row_prune_counts
 
 
 def _factor(H: Tensor, damp: float) -> Tensor | None:
@@ -216,9 +216,7 @@ class _Sweep:
             per_k = {k: _tile_counts_even(k, cols, blocksize) for k in self.k.unique().tolist()}
             self.row_tile_counts = torch.tensor([per_k[k] for k in self.k.tolist()], device=self.W.device)
         else:
-            pruned = torch.zeros(rows, cols, dtype=torch.bool, device=self.W.device)
-            take = torch.arange(cols, device=self.W.device).unsqueeze(0) < self.k.unsqueeze(1)
-            pruned.scatter_(1, srt.indices, take)
+            pruned = ~keep_from_counts(srt.indices, self.k)
             self.row_tile_counts = torch.stack(
                 [pruned[:, i1 : i1 + blocksize].sum(dim=1) for i1 in self.tile_starts], dim=1
             )
