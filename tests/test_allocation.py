@@ -140,7 +140,8 @@ def test_box_lp_is_optimal_against_scipy(cost, frac, use_w, seed):
     )
     assert ref.status == 0
     ours = float(np.dot(wv * np.array(cost), s))
-    assert ours <= ref.fun + 1e-9 * max(1.0, abs(ref.fun))
+    # HiGHS meets the equality only to its feasibility tolerance (1e-7), so its optimum may sit that far below ours
+    assert ours <= ref.fun + 1e-7 * max(1.0, abs(ref.fun)) * max(cost) * wv.sum()
 
 
 # --------------------------------------------------------------------------------------------- CKA
