@@ -1,7 +1,7 @@
 """Data-free calibration: text sampled from the model itself, seeded and cached.
 
 Each sequence starts from a random vocabulary token (as in LLM-QAT's data-free generation) and is
-sampled with top-p, so the windows cover what the model itself finds likely.
+sampled with top-k 64 then top-p 0.95, so the windows cover what the model itself finds likely.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .models import cache_dir
 
 
 # Bumped whenever the sampler draws differently for the same seed, so a cache never mixes two samplers' text.
-SAMPLER_VERSION = 3
+SAMPLER_VERSION = 4
 
 
 def _cache_key(model: Any, nsamples: int, seqlen: int, seed: int) -> str:
@@ -24,42 +24,82 @@ def _cache_key(model: Any, nsamples: int, seqlen: int, seed: int) -> str:
     return f"self-{h}.pt"
 
 
-def _nucleus_draw(sp: torch.Tensor, si: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """One draw per row from probabilities `sp` sorted descending (token ids `si`), restricted to the nucleus:
-    the tokens whose preceding mass is below `top_p`."""
-    keep = sp.cumsum(-1) - sp < top_p
-    sp = sp * keep
-    return si.gather(-1, torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=gen))
+def top_k_top_p_sample(logits: torch.Tensor, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """One draw per row of `logits` [rows, vocab] -> [rows, 1] token ids: the `top_k` most likely tokens, renormalised,
+    then their nucleus (the tokens whose preceding mass is below `top_p`), as transformers' top-k then top-p warpers.
+
+    Why top-k first: with top-p alone a flat row (the first tokens after a random start) needs a full sort of the
+    vocabulary and a draw over all of it; those rows made sampling over half of a 128-row decode step on 2 cores.
+    The renormalised top-k probabilities are the softmax of the top-k logits, so the vocabulary is never
+    normalised."""
+    k = min(int(top_k), logits.shape[-1])
+    top, idx = logits.float().topk(k, dim=-1)  # sorted descending
+    sp = torch.softmax(top, dim=-1)
+    sp = sp * (sp.cumsum(-1) - sp < top_p)
+    return idx.gather(-1, torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=gen))
 
 
-def top_p_sample(probs: torch.Tensor, top_p: float, gen: torch.Generator, k: int = 1024) -> torch.Tensor:
-    """Nucleus sampling, [rows, vocab] -> [rows, 1] token ids.
+def _growing_cache() -> Any:
+    """A KV cache whose layers write into buffers grown by doubling, instead of transformers' default `torch.cat` of
+    the whole cache at every step (quadratic in the length: over half of a 128-row step at 190 tokens). None where
+    this transformers lacks the cache-layer API; generation then uses the default cache."""
+    try:
+        from transformers.cache_utils import Cache, DynamicLayer
+    except ImportError:
+        return None
 
-    Sorting the whole vocabulary every step was most of a decode step (0.4 s at 64 rows x 49k tokens on 2 cores);
-    a nucleus lies inside the top k whenever those k hold at least `top_p` of the mass, so only they are sorted,
-    and rows where they do not fall back to a full sort. The kept set is the same as with a full sort."""
-    k = min(k, probs.shape[-1])
-    sp, si = probs.topk(k, dim=-1)
-    inside = sp.sum(-1) >= top_p
-    out = torch.empty(probs.shape[0], 1, dtype=torch.long)
-    if bool(inside.any()):
-        out[inside] = _nucleus_draw(sp[inside], si[inside], top_p, gen)
-    if not bool(inside.all()):
-        fsp, fsi = probs[~inside].sort(dim=-1, descending=True)
-        out[~inside] = _nucleus_draw(fsp, fsi, top_p, gen)
-    return out
+    class GrowingLayer(DynamicLayer):
+        def lazy_initialization(self, key_states: torch.Tensor) -> None:
+            super().lazy_initialization(key_states)
+            self._k: torch.Tensor | None = None
+            self._v: torch.Tensor | None = None
+            self._n = 0
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                   cache_kwargs: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states)
+            n, end = self._n, self._n + key_states.shape[-2]
+            if self._k is None or self._v is None or end > self._k.shape[-2]:
+                shape = list(key_states.shape)
+                shape[-2] = max(end, 64, 2 * (0 if self._k is None else self._k.shape[-2]))
+                k, v = key_states.new_empty(shape), value_states.new_empty(shape)
+                if n:
+                    k[..., :n, :], v[..., :n, :] = self.keys, self.values
+                self._k, self._v = k, v
+            self._k[..., n:end, :], self._v[..., n:end, :] = key_states, value_states
+            self._n = end
+            self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
+            return self.keys, self.values
+
+    try:
+        return Cache(layer_class_to_replicate=GrowingLayer)
+    except TypeError:
+        return None
+
+
+def _generation_copy(model: Any, use_bf16: bool) -> Any:
+    """The model to sample from: a bf16 copy where the CPU computes bf16 natively (the fp32 weights under autocast
+    are cast again at every decode step), else the model itself. Its logits equal autocast's up to rounding."""
+    if not use_bf16 or next(model.parameters()).dtype != torch.float32:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
 
 
 @torch.no_grad()
 def generate_self_ids(
-    model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 128, top_p: float = 0.95
+    model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 128, top_p: float = 0.95,
+    top_k: int = 64,
 ) -> torch.Tensor:
     """[nsamples, seqlen] token ids sampled from `model`. Cached per model, size and seed.
 
     Wide batches: a decode step of a small model is bound by reading its weights, so 128 sequences per step cost
     little more than 16; generating the LoSA profiles' training text dominated a fresh run's set-up at 16.
     bf16 autocast where the CPU computes bf16 natively: 1.4x the tokens per second of fp32 at 64 rows
-    (2026-12-02, Sapphire-Rapids-class VM, 340 -> 478 tok/s; 128 rows bf16: 516)."""
+    (2026-12-02, Sapphire-Rapids-class VM, 340 -> 478 tok/s; 128 rows bf16: 516). A bf16 copy of the model and
+    top-k before top-p (sampler 4) raised that further (see docs/measured/losa-budget.md)."""
     from .precision import autocast_ctx, bf16_autocast_supported
     from .progress import make_progress
 
@@ -79,6 +119,7 @@ def generate_self_ids(
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     out = []
     use_bf16 = bf16_autocast_supported(str(device))
+    sampler = _generation_copy(model, use_bf16)
     with make_progress(transient=True) as progress, autocast_ctx(str(device), use_bf16):
         task = progress.add_task("generating self-calibration text", total=nsamples)
         for b0 in range(0, nsamples, batch_size):
@@ -88,16 +129,16 @@ def generate_self_ids(
                 while int(first[i, 0]) in special:
                     first[i, 0] = int(torch.randint(0, vocab, (1,), generator=gen))
             seq = first.to(device)
-            past = None
+            past = _growing_cache()
             cur = seq
             for _ in range(seqlen - 1):
-                o = model(input_ids=cur, past_key_values=past, use_cache=True)
+                o = sampler(input_ids=cur, past_key_values=past, use_cache=True)
                 past = o.past_key_values
-                probs = torch.softmax(o.logits[:, -1, :].float(), dim=-1).cpu()
-                cur = top_p_sample(probs, top_p, gen).to(device)
+                cur = top_k_top_p_sample(o.logits[:, -1, :].cpu(), top_k, top_p, gen).to(device)
                 seq = torch.cat([seq, cur], dim=1)
             out.append(seq.cpu())
             progress.update(task, advance=bs)
+    del sampler
     ids = torch.cat(out, 0)
     write_with(path, lambda f: torch.save(ids, f))  # atomic: a concurrent run never reads half a cache file
     return ids

@@ -75,25 +75,56 @@ def test_self_calibration(tiny_dir, tmp_path, monkeypatch):
     assert a.shape == (3, 16) and torch.equal(a, b)
 
 
-def test_top_p_sample_keeps_the_nucleus_with_or_without_the_full_sort():
-    """Hand case: probabilities 0.5, 0.3, 0.15, 0.05 with top_p 0.7 keep tokens 0 and 1 (the mass before token 2 is
-    0.8), drawn 5:3. k = 2 holds the nucleus (0.8 >= 0.7); k = 1 does not and takes the full-sort fallback."""
-    from losa_deploy.selfdata import top_p_sample
+def test_top_k_top_p_sample_draws_from_the_renormalised_nucleus():
+    """Hand case: probabilities 0.5, 0.3, 0.15, 0.05. top_k 4, top_p 0.7 keeps tokens 0 and 1 (the mass before token 2
+    is 0.8), drawn 5:3. top_k 3 renormalises to 0.526, 0.316, 0.158: the mass before token 2 is 0.842, same nucleus.
+    top_k 2 with top_p 0.5: the mass before token 1 is 0.625 > 0.5, so only token 0."""
+    from losa_deploy.selfdata import top_k_top_p_sample
 
-    probs = torch.tensor([[0.05, 0.3, 0.5, 0.15]]).repeat(4000, 1)  # tokens 2 (0.5) and 1 (0.3) are the nucleus
-    for k in (2, 1, 1024):
-        draws = top_p_sample(probs, 0.7, torch.Generator().manual_seed(k), k=k).flatten()
+    probs = torch.tensor([[0.05, 0.3, 0.5, 0.15]]).repeat(4000, 1)  # sorted: token 2 (0.5), 1 (0.3), 3, 0
+    for k in (4, 3):
+        draws = top_k_top_p_sample(probs.log(), k, 0.7, torch.Generator().manual_seed(k)).flatten()
         assert set(draws.tolist()) == {1, 2}
         assert abs(float((draws == 2).float().mean()) - 0.625) < 0.03
-    # random distributions, peaked and flat rows mixed: every draw lies in the full-sort nucleus
+    assert set(top_k_top_p_sample(probs.log(), 2, 0.5, torch.Generator()).flatten().tolist()) == {2}
+    # top_p 1 with top_k 3: every token but the least likely, in proportion 0.5 : 0.3 : 0.15
+    d = top_k_top_p_sample(probs.log() + 7.0, 3, 1.0, torch.Generator().manual_seed(0)).flatten()  # any offset
+    assert set(d.tolist()) == {1, 2, 3} and abs(float((d == 3).float().mean()) - 0.15 / 0.95) < 0.03
+    # random rows, peaked and flat: every draw lies in the nucleus of the renormalised top 64, computed by a full sort
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 3000, generator=g) * torch.linspace(0.1, 8.0, 64)[:, None]
     p = torch.softmax(logits, -1)
     sp, si = p.sort(dim=-1, descending=True)
+    sp, si = sp[:, :64] / sp[:, :64].sum(-1, keepdim=True), si[:, :64]
     nucleus = [set(si[r][(sp[r].cumsum(0) - sp[r]) < 0.95].tolist()) for r in range(64)]
     for seed in range(5):
-        d = top_p_sample(p, 0.95, torch.Generator().manual_seed(seed), k=64).flatten().tolist()
+        d = top_k_top_p_sample(logits, 64, 0.95, torch.Generator().manual_seed(seed)).flatten().tolist()
         assert all(d[r] in nucleus[r] for r in range(64))
+
+
+def test_growing_kv_cache_decodes_like_the_default_cache(tiny_dir):
+    """The self-text sampler's preallocated cache (buffers grown by doubling, views returned) gives the default
+    cache's logits at every step, across a regrowth (64 -> 128 positions) and for a multi-token first chunk."""
+    from losa_deploy.selfdata import _growing_cache
+
+    m, _ = load_model(str(tiny_dir))
+    ids = torch.randint(0, 256, (3, 80), generator=torch.Generator().manual_seed(0))
+    cache = _growing_cache()
+    assert cache is not None
+    outs = {}
+    for name, past in (("default", None), ("growing", cache)):
+        logits = []
+        with torch.no_grad():
+            o = m(input_ids=ids[:, :5], past_key_values=past, use_cache=True)
+            logits.append(o.logits[:, -1])
+            for t in range(5, 80):
+                o = m(input_ids=ids[:, t : t + 1], past_key_values=o.past_key_values, use_cache=True)
+                logits.append(o.logits[:, -1])
+        outs[name] = torch.stack(logits)
+    assert torch.allclose(outs["default"], outs["growing"], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        full = m(input_ids=ids).logits[:, -1]
+    assert torch.allclose(outs["growing"][-1], full, atol=1e-4, rtol=1e-4)
 
 
 def test_perplexity_protocol_matches_manual(tiny_dir):

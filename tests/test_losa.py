@@ -202,3 +202,78 @@ def test_lr_schedules_hand_values():
     assert _lr_factors(10) == [third, round(2 / 3, 6), 1.0] + [round(x / 7, 6) for x in range(7, 0, -1)]
     assert _lr_factors(10, decay_from=6) == [third, round(2 / 3, 6), 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
     assert _lr_factors(10, decay_from=1) == _lr_factors(10)  # a decay cannot start inside the warmup
+
+
+def test_chunked_head_loss_equals_transformers_loss_and_gradient(tiny_dir, monkeypatch):
+    """LMLoss (hidden states, a chunk of tokens at a time, the head's gradient formed in the forward) gives the
+    transformers loss and the same gradients for the adapters, with padded rows (IGNORE labels) and over several
+    chunks (chunk 7 tokens here)."""
+    from losa_deploy.compress.losa import lm_loss as lm
+    from losa_deploy.compress.losa.adapter import attach_adapters
+    from losa_deploy.compress.losa.train import IGNORE
+    from losa_deploy.model_parts import find_linears
+    from losa_deploy.models import load_model
+
+    monkeypatch.setattr(lm, "_CHUNK", 7)
+    m, _ = load_model(str(tiny_dir))
+    m.requires_grad_(False)
+    linears = {f"{n}.weight": (0, mod) for n, mod in m.named_modules()
+               if isinstance(mod, torch.nn.Linear) and n.startswith("model.layers")}
+    aset = attach_adapters(linears, r_max=4, alpha=8.0, dropout=0.0, seed=0)
+    with torch.no_grad():
+        for a in aset.adapters.values():
+            a.B.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 256, (3, 12), generator=g)
+    att = torch.ones_like(ids)
+    att[1, 9:] = 0
+    labels = ids.clone()
+    labels[1, 9:] = IGNORE
+    labels[2, :4] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": att, "labels": labels}
+    assert lm.head_loss_applies(m)
+    grads = []
+    for loss_fn in (lambda b: m(**b, use_cache=False).loss, lm.LMLoss(m, None)):
+        for p in aset.parameters():
+            p.grad = None
+        loss = loss_fn(batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in aset.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for ref, new in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(ref, new, rtol=1e-4, atol=1e-6)
+    aset.remove()
+    m.lm_head.weight.requires_grad_(True)  # a trainable head keeps the transformers loss
+    assert not lm.head_loss_applies(m) and lm.LMLoss(m, None).head is None
+
+
+def test_low_precision_base_matches_the_fp32_form_under_autocast():
+    """Inside AdapterSet.training(bf16) a fused linear reads bf16 copies of its base weight and mask made once;
+    under bf16 autocast it gives the fp32 form's output and adapter gradients up to bf16 rounding, and the copies
+    are gone on exit (outside training, or without autocast, the fp32 form runs)."""
+    from losa_deploy.compress.losa.adapter import attach_adapters
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=False)
+    mask = torch.rand(48, 64) > 0.6
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    lin.requires_grad_(False)
+    aset = attach_adapters({"w": (0, lin)}, r_max=8, alpha=16.0, dropout=0.0, seed=3)
+    a = aset.adapters["w"]
+    with torch.no_grad():
+        a.mask.copy_(mask)
+        a.B.normal_(std=0.1, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(9))
+    out = []
+    for lp in (False, True):
+        a.A.grad = a.B.grad = None
+        ctx = aset.training(torch.bfloat16 if lp else None)
+        with ctx, torch.autocast("cpu", dtype=torch.bfloat16):
+            assert (a.base_lp is not None) == lp
+            y = lin(x)
+            (y.float() * torch.linspace(-1, 1, 48)).sum().backward()
+        out.append((y.float().detach(), a.A.grad.clone(), a.B.grad.clone()))
+        assert a.base_lp is None and not a.training
+    for ref, new in zip(*out):
+        torch.testing.assert_close(new, ref, rtol=0.03, atol=0.03 * float(ref.abs().max()))

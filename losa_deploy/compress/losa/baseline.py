@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..methods import MethodInputs, MethodResult, PassResult, prune_pass
@@ -101,11 +102,10 @@ def _train_dense_lora(inputs: MethodInputs, setup: TrainingSetup,
     opt, sched = make_optimizer(params, a.lr, total_updates)
     try:
         t0 = time.perf_counter()
-        adapters.train(True)
-        losses = train_slice(inputs.model, params, batches(setup.samples, a.batch_size, setup.pad_id), opt, sched,
-                             objective=a.objective, teacher=setup.teacher, device=inputs.device,
-                             autocast=setup.use_bf16, desc="dense LoRA training", progress=inputs.progress)
-        adapters.train(False)
+        with adapters.training(torch.bfloat16 if setup.use_bf16 else None):
+            losses = train_slice(inputs.model, params, batches(setup.samples, a.batch_size, setup.pad_id), opt,
+                                 sched, objective=a.objective, teacher=setup.teacher, device=inputs.device,
+                                 autocast=setup.use_bf16, desc="dense LoRA training", progress=inputs.progress)
         timings["train_s"] = time.perf_counter() - t0
     finally:
         adapters.remove()  # never leave hooks on the caller's model

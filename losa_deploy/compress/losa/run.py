@@ -165,13 +165,12 @@ class _LosaRun:
     def _train(self, t: int) -> list[float]:
         s0, s1 = self.slices[t - 1]
         su, a = self.setup, self.a
-        self.adapters.train(True)
-        step_losses = train_slice(
-            self.inputs.model, self.params, batches(su.samples[s0:s1], a.batch_size, su.pad_id), self.opt,
-            self.sched, objective=a.objective, teacher=su.teacher, device=self.inputs.device,
-            autocast=su.use_bf16, desc=f"LoSA step {t}/{self.T} training", progress=self.inputs.progress,
-        )
-        self.adapters.train(False)
+        with self.adapters.training(torch.bfloat16 if su.use_bf16 else None):
+            step_losses = train_slice(
+                self.inputs.model, self.params, batches(su.samples[s0:s1], a.batch_size, su.pad_id), self.opt,
+                self.sched, objective=a.objective, teacher=su.teacher, device=self.inputs.device,
+                autocast=su.use_bf16, desc=f"LoSA step {t}/{self.T} training", progress=self.inputs.progress,
+            )
         self.losses.extend(step_losses)
         return step_losses
 

@@ -17,6 +17,7 @@ from ...model_parts import prunable_linears
 from ...precision import bf16_autocast_supported
 from ..methods import MethodInputs
 from .adapter import AdapterSet
+from .lm_loss import head_loss_applies
 from .train import TrainSample, build_train_samples
 
 
@@ -77,6 +78,8 @@ def training_record(inputs: MethodInputs, setup: TrainingSetup, adapters: Adapte
         "batch_size": a.batch_size, "optimizer": optimizer,
         "alpha": a.lora_alpha, "dropout": a.lora_dropout, "adapter_form": adapters.form,
         "autocast": "bfloat16" if setup.use_bf16 else None, "teacher_dtype": setup.teacher_dtype,
+        "lm_loss": None if a.objective == "distill" else
+        ("chunked-head" if head_loss_applies(inputs.model) else "transformers"),
     }
 
 

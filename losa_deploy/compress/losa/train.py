@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ...errors import UserError
 from ...precision import autocast_ctx
+from .lm_loss import LMLoss
 
 IGNORE = -100
 
@@ -177,6 +178,7 @@ def train_slice(
                        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
                        disable=not progress, transient=True) as bar:
         task = bar.add_task(desc, total=len(data), loss="-")
+        lm_loss = LMLoss(model, torch.bfloat16 if autocast else None) if objective != "distill" else None
         for batch in data:
             b = {k: v.to(device) for k, v in batch.items()}
             with autocast_ctx(device, autocast):
@@ -189,7 +191,8 @@ def train_slice(
                                      use_cache=False).logits
                     loss = distill_loss(s_logits, t_logits, b["attention_mask"].bool())
                 else:
-                    loss = model(**b, use_cache=False).loss
+                    assert lm_loss is not None
+                    loss = lm_loss(b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm:
