@@ -204,47 +204,62 @@ def test_lr_schedules_hand_values():
     assert _lr_factors(10, decay_from=1) == _lr_factors(10)  # a decay cannot start inside the warmup
 
 
-def test_chunked_head_loss_equals_transformers_loss_and_gradient(tiny_dir, monkeypatch):
-    """LMLoss (hidden states, a chunk of tokens at a time, the head's gradient formed in the forward) gives the
-    transformers loss and the same gradients for the adapters, with padded rows (IGNORE labels) and over several
-    chunks (chunk 7 tokens here)."""
-    from losa_deploy.compress.losa import lm_loss as lm
+def test_chunked_head_losses_equal_the_logits_form_in_value_and_gradient(tiny_dir, monkeypatch):
+    """TrainLoss (hidden states, a chunk of tokens at a time, the head's gradient formed in the forward) gives the
+    transformers loss ("lm") and the logits-form KL to a teacher ("distill"), with the same adapter gradients, with
+    padded rows (IGNORE labels, attention 0) and over several chunks (7 tokens each here)."""
+    import copy
+
+    from losa_deploy.compress.losa import head_loss as hl
     from losa_deploy.compress.losa.adapter import attach_adapters
     from losa_deploy.compress.losa.train import IGNORE
-    from losa_deploy.model_parts import find_linears
     from losa_deploy.models import load_model
 
-    monkeypatch.setattr(lm, "_CHUNK", 7)
+    monkeypatch.setattr(hl, "_CHUNK", 7)
     m, _ = load_model(str(tiny_dir))
     m.requires_grad_(False)
+    teacher = copy.deepcopy(m)
+    with torch.no_grad():  # a teacher that differs from the student, including its head
+        for p in teacher.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.02)
     linears = {f"{n}.weight": (0, mod) for n, mod in m.named_modules()
                if isinstance(mod, torch.nn.Linear) and n.startswith("model.layers")}
     aset = attach_adapters(linears, r_max=4, alpha=8.0, dropout=0.0, seed=0)
     with torch.no_grad():
         for a in aset.adapters.values():
             a.B.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 256, (3, 12), generator=g)
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(2))
     att = torch.ones_like(ids)
     att[1, 9:] = 0
     labels = ids.clone()
     labels[1, 9:] = IGNORE
     labels[2, :4] = IGNORE
     batch = {"input_ids": ids, "attention_mask": att, "labels": labels}
-    assert lm.head_loss_applies(m)
-    grads = []
-    for loss_fn in (lambda b: m(**b, use_cache=False).loss, lm.LMLoss(m, None)):
-        for p in aset.parameters():
-            p.grad = None
-        loss = loss_fn(batch)
-        loss.backward()
-        grads.append((loss.detach(), [p.grad.clone() for p in aset.parameters()]))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
-    for ref, new in zip(grads[0][1], grads[1][1]):
-        torch.testing.assert_close(ref, new, rtol=1e-4, atol=1e-6)
+    assert hl.head_loss_applies(m)
+
+    def distill_ref(b):
+        with torch.no_grad():
+            t = teacher(input_ids=ids, attention_mask=att, use_cache=False).logits
+        return hl.distill_loss(m(input_ids=ids, attention_mask=att, use_cache=False).logits, t, att.bool())
+
+    cases = {"lm": (lambda b: m(**b, use_cache=False).loss, hl.TrainLoss(m, "lm", None, None)),
+             "distill": (distill_ref, hl.TrainLoss(m, "distill", teacher, None))}
+    for objective, fns in cases.items():
+        assert fns[1].form == "chunked-head"
+        grads = []
+        for loss_fn in fns:
+            for p in aset.parameters():
+                p.grad = None
+            loss = loss_fn(batch)
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in aset.parameters()]))
+        assert float(grads[0][0]) > 1e-3, objective
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+        for ref, new in zip(grads[0][1], grads[1][1]):
+            torch.testing.assert_close(ref, new, rtol=1e-4, atol=1e-6)
     aset.remove()
-    m.lm_head.weight.requires_grad_(True)  # a trainable head keeps the transformers loss
-    assert not lm.head_loss_applies(m) and lm.LMLoss(m, None).head is None
+    m.lm_head.weight.requires_grad_(True)  # a trainable head keeps the logits form
+    assert not hl.head_loss_applies(m) and hl.TrainLoss(m, "lm", None, None).form == "logits"
 
 
 def test_low_precision_base_matches_the_fp32_form_under_autocast():

@@ -10,6 +10,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ... import data  # as a module: tests substitute its sampler
@@ -17,7 +18,7 @@ from ...model_parts import prunable_linears
 from ...precision import bf16_autocast_supported
 from ..methods import MethodInputs
 from .adapter import AdapterSet
-from .lm_loss import head_loss_applies
+from .head_loss import head_loss_applies
 from .train import TrainSample, build_train_samples
 
 
@@ -54,12 +55,16 @@ def prepare_training(inputs: MethodInputs) -> TrainingSetup:
     model.eval()
     lin = prunable_linears(model, recipe.prune.ignore)
     dense_state = {name: layer.weight.detach().to("cpu", copy=True) for name, (_, layer) in lin.items()}
+    use_bf16 = bf16_autocast_supported(inputs.device)
     teacher = teacher_dtype = None
     if a.objective == "distill":
+        # Under bf16 autocast the teacher's fp32 weights would be cast again at every batch; a bf16 copy gives the
+        # same logits up to rounding in half the memory.
         teacher = copy.deepcopy(model).eval()
+        if use_bf16 and next(teacher.parameters()).dtype == torch.float32:
+            teacher.to(torch.bfloat16)
         teacher_dtype = str(next(teacher.parameters()).dtype).replace("torch.", "")
-    return TrainingSetup(samples, pad_id, lin, dense_state, teacher, teacher_dtype,
-                         bf16_autocast_supported(inputs.device))
+    return TrainingSetup(samples, pad_id, lin, dense_state, teacher, teacher_dtype, use_bf16)
 
 
 def optimizer_record(lr: float, total_updates: int, schedule: str = "linear", **extra: Any) -> dict[str, Any]:
@@ -78,8 +83,7 @@ def training_record(inputs: MethodInputs, setup: TrainingSetup, adapters: Adapte
         "batch_size": a.batch_size, "optimizer": optimizer,
         "alpha": a.lora_alpha, "dropout": a.lora_dropout, "adapter_form": adapters.form,
         "autocast": "bfloat16" if setup.use_bf16 else None, "teacher_dtype": setup.teacher_dtype,
-        "lm_loss": None if a.objective == "distill" else
-        ("chunked-head" if head_loss_applies(inputs.model) else "transformers"),
+        "loss_form": "chunked-head" if head_loss_applies(inputs.model) else "logits",
     }
 
 

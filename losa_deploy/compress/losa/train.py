@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ...errors import UserError
 from ...precision import autocast_ctx
-from .lm_loss import LMLoss
+from .head_loss import TrainLoss
 
 IGNORE = -100
 
@@ -142,15 +142,6 @@ def reset_inactive_state(opt: torch.optim.Optimizer, A: nn.Parameter, B: nn.Para
                 st[key][sl] = 0
 
 
-def distill_loss(student_logits: Tensor, teacher_logits: Tensor, valid: Tensor) -> Tensor:
-    """Mean over valid positions of KL(teacher || student) of the next-token distributions (temperature 1)."""
-    s = F.log_softmax(student_logits.float(), dim=-1)
-    t = F.log_softmax(teacher_logits.float(), dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    v = valid.to(kl.dtype)
-    return (kl * v).sum() / v.sum().clamp_min(1.0)
-
-
 def train_slice(
     model: nn.Module,
     params: Sequence[nn.Parameter],
@@ -178,21 +169,11 @@ def train_slice(
                        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
                        disable=not progress, transient=True) as bar:
         task = bar.add_task(desc, total=len(data), loss="-")
-        lm_loss = LMLoss(model, torch.bfloat16 if autocast else None) if objective != "distill" else None
+        loss_fn = TrainLoss(model, objective, teacher, torch.bfloat16 if autocast else None)
         for batch in data:
             b = {k: v.to(device) for k, v in batch.items()}
             with autocast_ctx(device, autocast):
-                if objective == "distill":
-                    assert teacher is not None
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                           use_cache=False).logits
-                    s_logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                     use_cache=False).logits
-                    loss = distill_loss(s_logits, t_logits, b["attention_mask"].bool())
-                else:
-                    assert lm_loss is not None
-                    loss = lm_loss(b)
+                loss = loss_fn(b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm:
