@@ -1,7 +1,7 @@
 """Data-free calibration: text sampled from the model itself, seeded and cached.
 
-Each sequence starts from a random vocabulary token (as in LLM-QAT's data-free generation) and is
-sampled with top-k 64 then top-p 0.95, so the windows cover what the model itself finds likely.
+Each sequence starts from a random vocabulary token (as in LLM-QAT's data-free generation) and is sampled with
+top-p 0.95 (within the top 1024 tokens), so the windows cover what the model itself finds likely.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .models import cache_dir
 
 
 # Bumped whenever the sampler draws differently for the same seed, so a cache never mixes two samplers' text.
-SAMPLER_VERSION = 4
+SAMPLER_VERSION = 5
 
 
 def _cache_key(model: Any, nsamples: int, seqlen: int, seed: int) -> str:
@@ -28,10 +28,12 @@ def top_k_top_p_sample(logits: torch.Tensor, top_k: int, top_p: float, gen: torc
     """One draw per row of `logits` [rows, vocab] -> [rows, 1] token ids: the `top_k` most likely tokens, renormalised,
     then their nucleus (the tokens whose preceding mass is below `top_p`), as transformers' top-k then top-p warpers.
 
-    Why top-k first: with top-p alone a flat row (the first tokens after a random start) needs a full sort of the
+    Why a top-k bound: with top-p alone a flat row (the first tokens after a random start) needs a full sort of the
     vocabulary and a draw over all of it; those rows made sampling over half of a 128-row decode step on 2 cores.
-    The renormalised top-k probabilities are the softmax of the top-k logits, so the vocabulary is never
-    normalised."""
+    With k = 1024 the nucleus is top-p's own wherever the top 1024 tokens hold `top_p` of the mass (nearly every
+    row after the first few tokens); a small k (64) narrows ordinary rows too, and LoSA trained on its text came out
+    worse (120.0 against 105.4-113.5, one run; docs/measured/losa-budget.md). The renormalised top-k probabilities
+    are the softmax of the top-k logits, so the vocabulary is never normalised."""
     k = min(int(top_k), logits.shape[-1])
     top, idx = logits.float().topk(k, dim=-1)  # sorted descending
     sp = torch.softmax(top, dim=-1)
@@ -91,7 +93,7 @@ def _generation_copy(model: Any, use_bf16: bool) -> Any:
 @torch.no_grad()
 def generate_self_ids(
     model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0, batch_size: int = 128, top_p: float = 0.95,
-    top_k: int = 64,
+    top_k: int = 1024,
 ) -> torch.Tensor:
     """[nsamples, seqlen] token ids sampled from `model`. Cached per model, size and seed.
 
@@ -99,7 +101,7 @@ def generate_self_ids(
     little more than 16; generating the LoSA profiles' training text dominated a fresh run's set-up at 16.
     bf16 autocast where the CPU computes bf16 natively: 1.4x the tokens per second of fp32 at 64 rows
     (2026-12-02, Sapphire-Rapids-class VM, 340 -> 478 tok/s; 128 rows bf16: 516). A bf16 copy of the model and
-    top-k before top-p (sampler 4) raised that further (see docs/measured/losa-budget.md)."""
+    a bound of the nucleus to the top 1024 tokens (sampler 5) raised that further (see docs/measured/losa-budget.md)."""
     from .precision import autocast_ctx, bf16_autocast_supported
     from .progress import make_progress
 
