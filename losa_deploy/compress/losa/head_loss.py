@@ -82,8 +82,9 @@ def kl_chunks(teacher_hidden: Tensor, teacher_weight: Tensor, valid: Tensor) -> 
         w = v[s:e] / n
         t = _log_softmax_((teacher_hidden[s:e].to(teacher_weight.dtype) @ teacher_weight.t()).float())
         _log_softmax_(p)
-        loss = ((t.exp() * (t - p)).sum(-1) * w).sum()
-        p.exp_().sub_(t.exp_()).mul_(w[:, None])  # (student - teacher probabilities) w
+        pt = t.exp()
+        loss = ((pt * (t - p)).sum(-1) * w).sum()
+        p.exp_().sub_(pt).mul_(w[:, None])  # (student - teacher probabilities) w
         return loss
 
     return chunk

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 from ...errors import UserError
 from ...precision import autocast_ctx
-from .head_loss import TrainLoss
+from .head_loss import IGNORE, TrainLoss
 
-IGNORE = -100
 
 
 @dataclass
