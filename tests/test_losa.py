@@ -206,7 +206,8 @@ def test_lr_schedules_hand_values():
 
 def test_chunked_head_losses_equal_the_logits_form_in_value_and_gradient(tiny_dir, monkeypatch):
     """TrainLoss (hidden states, a chunk of tokens at a time, the head's gradient formed in the forward) gives the
-    transformers loss ("lm") and the logits-form KL to a teacher ("distill"), with the same adapter gradients, with
+    transformers loss ("lm"), the logits-form KL to a teacher ("distill") and that KL plus the normalised MSE of
+    every block's output written out from transformers' hidden states ("squarehead"), with the same adapter gradients, with
     padded rows (IGNORE labels, attention 0) and over several chunks (7 tokens each here)."""
     import copy
 
@@ -242,8 +243,17 @@ def test_chunked_head_losses_equal_the_logits_form_in_value_and_gradient(tiny_di
             t = teacher(input_ids=ids, attention_mask=att, use_cache=False).logits
         return hl.distill_loss(m(input_ids=ids, attention_mask=att, use_cache=False).logits, t, att.bool())
 
+    def squarehead_ref(b):
+        with torch.no_grad():
+            t = teacher(input_ids=ids, attention_mask=att, use_cache=False, output_hidden_states=True)
+        s = m(input_ids=ids, attention_mask=att, use_cache=False, output_hidden_states=True)
+        feat = sum(((hs - ht).square().sum(-1) * att).sum() / (ht.square().sum(-1) * att).sum()
+                   for hs, ht in zip(s.hidden_states[1:], t.hidden_states[1:]))
+        return hl.distill_loss(s.logits, t.logits, att.bool()) + feat
+
     cases = {"lm": (lambda b: m(**b, use_cache=False).loss, hl.TrainLoss(m, "lm", None, None)),
-             "distill": (distill_ref, hl.TrainLoss(m, "distill", teacher, None))}
+             "distill": (distill_ref, hl.TrainLoss(m, "distill", teacher, None)),
+             "squarehead": (squarehead_ref, hl.TrainLoss(m, "squarehead", teacher, None))}
     for objective, fns in cases.items():
         assert fns[1].form == "chunked-head"
         grads = []
@@ -260,6 +270,17 @@ def test_chunked_head_losses_equal_the_logits_form_in_value_and_gradient(tiny_di
     aset.remove()
     m.lm_head.weight.requires_grad_(True)  # a trainable head keeps the logits form
     assert not hl.head_loss_applies(m) and hl.TrainLoss(m, "lm", None, None).form == "logits"
+
+
+def test_hidden_mse_hand_case():
+    """Two layers, one padded position: layer 1 err 1 / energy 4, layer 2 err 0 / energy 1 -> 0.25."""
+    from losa_deploy.compress.losa.head_loss import hidden_mse
+
+    t1 = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [9.0, 9.0]]])
+    s1 = torch.tensor([[[2.0, 1.0], [0.0, 0.0], [0.0, 0.0]]])  # the last position is padding: its error is ignored
+    t2 = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [5.0, 5.0]]])
+    valid = torch.tensor([[True, True, False]])
+    assert float(hidden_mse([s1, t2], [t1, t2], valid)) == pytest.approx(0.25)
 
 
 def test_low_precision_base_matches_the_fp32_form_under_autocast():

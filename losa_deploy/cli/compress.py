@@ -59,7 +59,7 @@ _HELP = {
     "rank_cap": "LoSA: per-block maximum rank \\[default: 16].",
     "train_data": "LoSA: fine-tuning data (Alpaca JSON, text, or 'self') \\[default: self].",
     "train_samples": "LoSA: fine-tuning samples over all steps \\[default: 256].",
-    "objective": "LoSA: lm | distill \\[default: lm].",
+    "objective": "LoSA: lm | distill (KL to the dense model) | squarehead (KL + every block's output) \\[default: lm].",
     "mask_method": "LoSA: wanda | sparsegpt \\[default: wanda].",
     "train_seqlen": "LoSA: fine-tuning sequence length in tokens \\[default: 256].",
     "batch_size": "LoSA: fine-tuning batch size \\[default: 4].",

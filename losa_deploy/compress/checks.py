@@ -17,7 +17,7 @@ from ..artifact import check_output_room, checkpoint_bytes
 from ..errors import UserError
 from ..model_parts import find_blocks, prunable_linears, require_linear_blocks
 from ..models import resolve_model
-from .recipe import Recipe
+from .recipe import TEACHER_OBJECTIVES, Recipe
 
 
 def check_room(recipe: Recipe, out: Path) -> None:
@@ -53,8 +53,8 @@ def check_against_model(model: nn.Module, recipe: Recipe, device: str) -> None:
             raise UserError(f"--atp-beta {beta} is out of range for {L} blocks at sparsity {S:g}: "
                             f"use 0 < beta <= {hi:.6g} (or 'auto')")
         atp_rates(L, S, beta)  # also rejects a 100%-sparse last block
-    if recipe.trains_adapters and recipe.adapters.objective == "distill":
-        check_teacher_room(model, device)
+    if recipe.trains_adapters and recipe.adapters.objective in TEACHER_OBJECTIVES:
+        check_teacher_room(model, device, recipe.adapters.objective)
 
 
 def teacher_bytes(model: nn.Module) -> int:
@@ -62,7 +62,7 @@ def teacher_bytes(model: nn.Module) -> int:
         b.numel() * b.element_size() for b in model.buffers())
 
 
-def check_teacher_room(model: nn.Module, device: str) -> None:
+def check_teacher_room(model: nn.Module, device: str, objective: str = "distill") -> None:
     """Distillation keeps a frozen copy of the dense model: refuse up front when the device cannot hold it."""
     need = teacher_bytes(model)
     dev = torch.device(device)
@@ -76,6 +76,6 @@ def check_teacher_room(model: nn.Module, device: str) -> None:
     # The copy itself plus headroom for its activations and the student's training memory.
     if need * 1.5 > free:
         raise UserError(
-            f"--objective distill needs room for a dense teacher copy ({need / 2**30:.2f} GiB) on {device} "
+            f"--objective {objective} needs room for a dense teacher copy ({need / 2**30:.2f} GiB) on {device} "
             f"but only {free / 2**30:.2f} GiB is free; use --objective lm"
         )

@@ -29,7 +29,10 @@ ADAPTER_METHODS = ("losa", "dense-lora")
 ALLOCATIONS = ("uniform", "atp", "owl", "rmi")
 # Allocations that need only the model being pruned, so they can be recomputed at every LoSA step.
 ADAPTER_ALLOCATIONS = ("rmi", "uniform", "atp")
-OBJECTIVES = ("lm", "distill")
+# distill: KL to the dense model's next-token distribution; squarehead: that KL plus every block's output matched
+# to the dense model's (normalised MSE, Kurtic et al. 2023).
+OBJECTIVES = ("lm", "distill", "squarehead")
+TEACHER_OBJECTIVES = ("distill", "squarehead")  # keep a frozen dense copy
 MASK_METHODS = ("wanda", "sparsegpt")
 # linear: warmup, then decay over all steps; wsd: warmup, hold the peak, decay during the last step only.
 LR_SCHEDULES = ("linear", "wsd")

@@ -17,6 +17,7 @@ from ... import data  # as a module: tests substitute its sampler
 from ...model_parts import prunable_linears
 from ...precision import bf16_autocast_supported
 from ..methods import MethodInputs
+from ..recipe import TEACHER_OBJECTIVES
 from .adapter import AdapterSet
 from .head_loss import head_loss_applies
 from .train import TrainSample, build_train_samples
@@ -57,7 +58,7 @@ def prepare_training(inputs: MethodInputs) -> TrainingSetup:
     dense_state = {name: layer.weight.detach().to("cpu", copy=True) for name, (_, layer) in lin.items()}
     use_bf16 = bf16_autocast_supported(inputs.device)
     teacher = teacher_dtype = None
-    if a.objective == "distill":
+    if a.objective in TEACHER_OBJECTIVES:
         # Under bf16 autocast the teacher's fp32 weights would be cast again at every batch; a bf16 copy gives the
         # same logits up to rounding in half the memory.
         teacher = copy.deepcopy(model).eval()
