@@ -207,8 +207,8 @@ def test_lr_schedules_hand_values():
 def test_chunked_head_losses_equal_the_logits_form_in_value_and_gradient(tiny_dir, monkeypatch):
     """TrainLoss (hidden states, a chunk of tokens at a time, the head's gradient formed in the forward) gives the
     transformers loss ("lm"), the logits-form KL to a teacher ("distill") and that KL plus the normalised MSE of
-    every block's output written out from transformers' hidden states ("squarehead"), with the same adapter gradients, with
-    padded rows (IGNORE labels, attention 0) and over several chunks (7 tokens each here)."""
+    every block's output written out from transformers' hidden states ("squarehead"), with the same adapter
+    gradients, with padded rows (IGNORE labels, attention 0) and over several chunks (7 tokens each here)."""
     import copy
 
     from losa_deploy.compress.losa import head_loss as hl
