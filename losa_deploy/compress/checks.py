@@ -62,7 +62,7 @@ def teacher_bytes(model: nn.Module) -> int:
         b.numel() * b.element_size() for b in model.buffers())
 
 
-def check_teacher_room(model: nn.Module, device: str, objective: str = "distill") -> None:
+def check_teacher_room(model: nn.Module, device: str, objective: str) -> None:
     """Distillation keeps a frozen copy of the dense model: refuse up front when the device cannot hold it."""
     need = teacher_bytes(model)
     dev = torch.device(device)

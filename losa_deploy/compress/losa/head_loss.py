@@ -161,19 +161,16 @@ class TrainLoss:
             assert self.teacher is not None
             valid = att.bool() if att is not None else torch.ones_like(ids, dtype=torch.bool)
             hidden = self.objective == "squarehead"
+            fwd = dict(input_ids=ids, attention_mask=att, use_cache=False, output_hidden_states=hidden)
+            body = (lambda m: m) if self.head is None else (lambda m: m.model)  # the chunked form skips the head
+            with torch.no_grad():
+                t_out = body(self.teacher)(**fwd)
+            s_out = body(self.model)(**fwd)
             if self.head is None:
-                with torch.no_grad():
-                    t_out = self.teacher(input_ids=ids, attention_mask=att, use_cache=False,
-                                         output_hidden_states=hidden)
-                s_out = self.model(input_ids=ids, attention_mask=att, use_cache=False, output_hidden_states=hidden)
                 loss = distill_loss(s_out.logits, t_out.logits, valid)
             else:
-                with torch.no_grad():
-                    t_out = self.teacher.model(input_ids=ids, attention_mask=att, use_cache=False,
-                                               output_hidden_states=hidden)
-                s_out = self.model.model(input_ids=ids, attention_mask=att, use_cache=False,
-                                         output_hidden_states=hidden)
-                h, th, d = s_out.last_hidden_state, t_out.last_hidden_state, s_out.last_hidden_state.shape[-1]
+                h, th = s_out.last_hidden_state, t_out.last_hidden_state
+                d = h.shape[-1]
                 loss = _HeadLoss.apply(h.reshape(-1, d), self.head,
                                        kl_chunks(th.reshape(-1, d), self.teacher_head, valid.reshape(-1)))
             if hidden:

@@ -20,7 +20,6 @@ from ...precision import autocast_ctx
 from .head_loss import IGNORE, TrainLoss
 
 
-
 @dataclass
 class TrainSample:
     input_ids: Tensor  # [len] long
