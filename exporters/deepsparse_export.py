@@ -52,7 +52,7 @@ def export_deepsparse(model_dir: str | Path, out_dir: str | Path, *, prefill_len
                       opset: int = 17) -> dict:
     """Trace, save, verify (ORT vs PyTorch, DeepSparse greedy tokens vs PyTorch) and write the manifest."""
     from losa_deploy.errors import UserError
-    from losa_deploy.runners import OrtRunner, default_threads, require_deepsparse
+    from losa_deploy.runners import default_threads, require_deepsparse
 
     if not 14 <= opset <= 17:
         raise UserError(f"opset {opset} is outside what DeepSparse 1.8 supports (14-17)")
@@ -72,7 +72,6 @@ def export_deepsparse(model_dir: str | Path, out_dir: str | Path, *, prefill_len
     model, tok = load_source(src, "float32", "eager")
     masks, mask_source = load_masks(src, model)
     table_len = table_len_for(model.config, max_len)
-    n_layers, kv_heads, head_dim = kv_geometry(model.config)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         err.print(f"[dim]tracing the KV-cache wrapper (opset {opset}, prefill {prefill_len}, max_len {max_len})[/dim]")
         t = time.perf_counter()
@@ -95,88 +94,104 @@ def export_deepsparse(model_dir: str | Path, out_dir: str | Path, *, prefill_len
                 "this is a bug, please report it"
             )
 
-        err.print("[dim]verifying: onnxruntime vs PyTorch[/dim]")
         ids = prompt_ids(tok, prefill_len)
-        ref_logits, ref_tokens = torch_reference(model, ids, verify_tokens)
-        ort_runner = OrtRunner(tmp / "model.onnx", model.config, prefill_len, max_len, threads)
-        t = time.perf_counter()
-        o_logits = ort_runner.prefill(ids)[0]
-        o_tokens = _greedy_from(ort_runner, o_logits[-1], verify_tokens)
-        ort_s = time.perf_counter() - t
-        ort_cmp = compare(ref_logits, ref_tokens, o_logits, o_tokens, LOGIT_ATOL_FP32)
-        del ort_runner
-        if not (ort_cmp["logits_ok"] and ort_cmp["tokens_match"]):
-            raise UserError(f"onnxruntime does not match PyTorch (max |dlogit| {ort_cmp['max_abs_logit_diff']:.2e}, "
-                            f"tokens match: {ort_cmp['tokens_match']}); export not written")
-
-        err.print(
-            f"[dim]verifying: DeepSparse compile + {verify_tokens} greedy tokens (child process, {threads} cores)[/dim]"
-        )
-        probe, ds_logits = run_deepsparse_probe(tmp / "model.onnx", tmp, ids, prefill_len=prefill_len,
-                                                max_len=max_len, threads=threads, new_tokens=verify_tokens)
-        ds_cmp = compare(ref_logits, ref_tokens, ds_logits, probe["tokens"], LOGIT_ATOL_FP32)
-        if not ds_cmp["tokens_match"]:
-            raise UserError(
-                f"DeepSparse greedy tokens differ from PyTorch at new token {ds_cmp['first_token_mismatch']} "
-                f"(max |dlogit| {ds_cmp['max_abs_logit_diff']:.2e}); export not written"
-            )
-
-        inputs, outputs = io_names(n_layers)
-        sparse_layers = {k: v["onnx_sparsity"] for k, v in zeros["layers"].items()}
+        checks = _verify(model, tmp, ids, prefill_len=prefill_len, max_len=max_len, threads=threads,
+                         verify_tokens=verify_tokens)
         manifest = base_manifest("deepsparse", src, mask_source)
-        manifest.update(
-            {
-                "files": {"model": "model.onnx", "weights": "model.data"},
-                "opset": opset,
-                "dtype": "float32",
-                "attention": "eager (explicit 4-D additive mask)",
-                "rotary_table_len": table_len,
-                "io": {
-                    "inputs": inputs,
-                    "outputs": outputs,
-                    "kv_layout": "batch, kv_heads, length, head_dim",
-                    "kv_heads": kv_heads,
-                    "head_dim": head_dim,
-                    "layers": n_layers,
-                },
-                "engines": {
-                    "prefill": {"seq": prefill_len, "past": max_len - prefill_len},
-                    "decode": {"seq": 1, "past": max_len - 1},
-                    "max_len": max_len,
-                    "cache": "fixed length max_len, right-aligned; oldest slot drops each call",
-                },
-                "onnx_ops": dict(sorted(op_counts.items(), key=lambda kv: -kv[1])),
-                "deepsparse": {
-                    "compiled": True,
-                    "threads": threads,
-                    "compile_s_both_engines": round(probe["compile_s"], 3),
-                    "fraction_of_supported_ops": {
-                        k: v.get("fraction_of_supported_ops") for k, v in probe["engines"].items()
-                    },
-                    "engine_repr": {k: v["repr"] for k, v in probe["engines"].items()},
-                    "sparse_layers_threshold": SPARSE_LAYER_THRESHOLD,
-                    "sparse_layers": sorted(k for k, v in sparse_layers.items() if v >= SPARSE_LAYER_THRESHOLD),
-                    "dense_layers": sorted(k for k, v in sparse_layers.items() if v < SPARSE_LAYER_THRESHOLD),
-                    "note": "sparse_layers lists MatMul weights whose initializers are >= threshold zeros; DeepSparse "
-                    "picks its sparse kernels itself and does not report per-layer choices",
-                },
-                "verification": {
-                    "prompt_tokens": int(ids.shape[1]),
-                    "onnxruntime_vs_torch": {**ort_cmp, "seconds": round(ort_s, 3)},
-                    "deepsparse_vs_torch": {
-                        **ds_cmp,
-                        "prefill_s": round(probe["prefill_s"], 4),
-                        "decode_s": round(probe["decode_s"], 4),
-                    },
-                    "zero_pattern": {k: zeros[k] for k in ("ok", "checked", "missing", "violations")},
-                },
-                "layer_sparsity": sparse_layers,
-                "timings": {"trace_s": round(export_s, 3), "total_s": round(time.perf_counter() - t0, 3)},
-                "run": f"losa-deploy generate {out} --runtime deepsparse --prompt 'Hello'",
-            }
-        )
+        manifest.update(_manifest_fields(model.config, zeros, op_counts, checks, opset=opset, table_len=table_len,
+                                         prefill_len=prefill_len, max_len=max_len, threads=threads))
+        manifest["timings"] = {"trace_s": round(export_s, 3), "total_s": round(time.perf_counter() - t0, 3)}
+        manifest["run"] = f"losa-deploy generate {out} --runtime deepsparse --prompt 'Hello'"
         write_export_manifest(tmp, manifest)
     return manifest
+
+
+def _verify(model: Any, tmp: Path, ids: Any, *, prefill_len: int, max_len: int, threads: int,
+            verify_tokens: int) -> dict[str, Any]:
+    """ONNX Runtime logits and greedy tokens against PyTorch, then DeepSparse's greedy tokens (in a child process);
+    a mismatch raises, so nothing is written."""
+    from losa_deploy.errors import UserError
+    from losa_deploy.runners import OrtRunner
+
+    err.print("[dim]verifying: onnxruntime vs PyTorch[/dim]")
+    ref_logits, ref_tokens = torch_reference(model, ids, verify_tokens)
+    ort_runner = OrtRunner(tmp / "model.onnx", model.config, prefill_len, max_len, threads)
+    t = time.perf_counter()
+    o_logits = ort_runner.prefill(ids)[0]
+    o_tokens = _greedy_from(ort_runner, o_logits[-1], verify_tokens)
+    ort_s = time.perf_counter() - t
+    ort_cmp = compare(ref_logits, ref_tokens, o_logits, o_tokens, LOGIT_ATOL_FP32)
+    del ort_runner
+    if not (ort_cmp["logits_ok"] and ort_cmp["tokens_match"]):
+        raise UserError(f"onnxruntime does not match PyTorch (max |dlogit| {ort_cmp['max_abs_logit_diff']:.2e}, "
+                        f"tokens match: {ort_cmp['tokens_match']}); export not written")
+
+    err.print(f"[dim]verifying: DeepSparse compile + {verify_tokens} greedy tokens (child process, {threads} cores)[/dim]")
+    probe, ds_logits = run_deepsparse_probe(tmp / "model.onnx", tmp, ids, prefill_len=prefill_len,
+                                            max_len=max_len, threads=threads, new_tokens=verify_tokens)
+    ds_cmp = compare(ref_logits, ref_tokens, ds_logits, probe["tokens"], LOGIT_ATOL_FP32)
+    if not ds_cmp["tokens_match"]:
+        raise UserError(
+            f"DeepSparse greedy tokens differ from PyTorch at new token {ds_cmp['first_token_mismatch']} "
+            f"(max |dlogit| {ds_cmp['max_abs_logit_diff']:.2e}); export not written"
+        )
+    return {"ort": ort_cmp, "ort_s": ort_s, "deepsparse": ds_cmp, "probe": probe, "prompt_tokens": int(ids.shape[1])}
+
+
+def _manifest_fields(config: Any, zeros: dict[str, Any], op_counts: dict[str, int], checks: dict[str, Any], *,
+                     opset: int, table_len: int, prefill_len: int, max_len: int, threads: int) -> dict[str, Any]:
+    """The export-specific part of the manifest: graph interface, engines, DeepSparse's compile, verification."""
+    n_layers, kv_heads, head_dim = kv_geometry(config)
+    inputs, outputs = io_names(n_layers)
+    probe = checks["probe"]
+    sparse_layers = {k: v["onnx_sparsity"] for k, v in zeros["layers"].items()}
+    return {
+        "files": {"model": "model.onnx", "weights": "model.data"},
+        "opset": opset,
+        "dtype": "float32",
+        "attention": "eager (explicit 4-D additive mask)",
+        "rotary_table_len": table_len,
+        "io": {
+            "inputs": inputs,
+            "outputs": outputs,
+            "kv_layout": "batch, kv_heads, length, head_dim",
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "layers": n_layers,
+        },
+        "engines": {
+            "prefill": {"seq": prefill_len, "past": max_len - prefill_len},
+            "decode": {"seq": 1, "past": max_len - 1},
+            "max_len": max_len,
+            "cache": "fixed length max_len, right-aligned; oldest slot drops each call",
+        },
+        "onnx_ops": dict(sorted(op_counts.items(), key=lambda kv: -kv[1])),
+        "deepsparse": {
+            "compiled": True,
+            "threads": threads,
+            "compile_s_both_engines": round(probe["compile_s"], 3),
+            "fraction_of_supported_ops": {
+                k: v.get("fraction_of_supported_ops") for k, v in probe["engines"].items()
+            },
+            "engine_repr": {k: v["repr"] for k, v in probe["engines"].items()},
+            "sparse_layers_threshold": SPARSE_LAYER_THRESHOLD,
+            "sparse_layers": sorted(k for k, v in sparse_layers.items() if v >= SPARSE_LAYER_THRESHOLD),
+            "dense_layers": sorted(k for k, v in sparse_layers.items() if v < SPARSE_LAYER_THRESHOLD),
+            "note": "sparse_layers lists MatMul weights whose initializers are >= threshold zeros; DeepSparse "
+            "picks its sparse kernels itself and does not report per-layer choices",
+        },
+        "verification": {
+            "prompt_tokens": checks["prompt_tokens"],
+            "onnxruntime_vs_torch": {**checks["ort"], "seconds": round(checks["ort_s"], 3)},
+            "deepsparse_vs_torch": {
+                **checks["deepsparse"],
+                "prefill_s": round(probe["prefill_s"], 4),
+                "decode_s": round(probe["decode_s"], 4),
+            },
+            "zero_pattern": {k: zeros[k] for k in ("ok", "checked", "missing", "violations")},
+        },
+        "layer_sparsity": sparse_layers,
+    }
 
 
 def _greedy_from(runner: Any, last: np.ndarray, n: int) -> list[int]:

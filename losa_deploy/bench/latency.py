@@ -116,23 +116,47 @@ def bench_sides(
     from the same round, so speed-ups pair by index. A side that fails (build or run) is reported with status
     `error` and the others go on. Returns {side key: {"status", "runner", "threads", "phases", "build_s",
     "load_rss_bytes", "peak_rss_bytes", "peak_rss_method"} or {"status": "error", "note"}}."""
-    s = settings
-    step = on_step or (lambda _m: None)
-    res: dict[str, dict[str, Any]] = {sd.key: {"status": "ok", "runner": None, "threads": None, "phases": {},
-                                               "build_s": {}, "load_rss_bytes": 0} for sd in sides}
-    active = [sd for sd in sides]
+    return _SideBench(sides, settings, vocab_size, on_step or (lambda _m: None), clock, gap_s).measure()
 
-    def fail(key: str, e: BaseException) -> None:
+
+class _SideBench:
+    """One `bench_sides` call: the per-side results, the sides still running, and one method per shape group."""
+
+    def __init__(self, sides: Sequence[Side], settings: LatencySettings, vocab_size: int,
+                 step: Callable[[str], None], clock: Callable[[], float], gap_s: float) -> None:
+        self.sides, self.s, self.vocab_size = list(sides), settings, vocab_size
+        self.step, self.clock, self.gap_s = step, clock, gap_s
+        self.res: dict[str, dict[str, Any]] = {sd.key: {"status": "ok", "runner": None, "threads": None,
+                                                        "phases": {}, "build_s": {}, "load_rss_bytes": 0}
+                                               for sd in sides}
+        self.active = list(sides)
+
+    def measure(self) -> dict[str, dict[str, Any]]:
+        release_freed_memory()
+        start_rss = current_rss_bytes()
+        with PeakMemory() as mem:
+            for k, p in enumerate(self.s.prompt_lens):
+                self._prefill_group(k, p)
+                release_freed_memory()
+            if self.s.decode_tokens > 0:
+                self._decode_group()
+        for d in self.res.values():
+            if d["status"] == "ok":
+                d["peak_rss_bytes"], d["peak_rss_method"] = mem.peak_bytes, mem.method
+                d["start_rss_bytes"] = start_rss
+        return self.res
+
+    def _fail(self, key: str, e: BaseException) -> None:
         msg = str(e).splitlines()[0][:300] if str(e) else ""
-        res[key] = {"status": "error", "note": f"{type(e).__name__}: {msg}"}
-        active[:] = [sd for sd in active if sd.key != key]
+        self.res[key] = {"status": "error", "note": f"{type(e).__name__}: {msg}"}
+        self.active[:] = [sd for sd in self.active if sd.key != key]
 
-    def build(group: str, prefill_len: int, max_len: int, decode: bool) -> dict[str, Any]:
+    def _build(self, group: str, prefill_len: int, max_len: int, decode: bool) -> dict[str, Any]:
         runners: dict[str, Any] = {}
         # Heavy builds first, while little else is resident: the process peak is then that build's transient alone,
         # not on top of every other runner. Timing order is unchanged (it follows `sides`).
-        for sd in sorted(active, key=lambda sd: not sd.build_first):
-            step(f"build {group}: {sd.key}")
+        for sd in sorted(self.active, key=lambda sd: not sd.build_first):
+            self.step(f"build {group}: {sd.key}")
             release_freed_memory()
             rss0 = current_rss_bytes()
             t0 = time.perf_counter()
@@ -141,75 +165,71 @@ def bench_sides(
                 if decode:
                     _ensure_decode(r)
             except Exception as e:
-                if isinstance(e, UserError) and len(sides) == 1:
+                if isinstance(e, UserError) and len(self.sides) == 1:
                     raise
-                fail(sd.key, e)
+                self._fail(sd.key, e)
                 continue
-            d = res[sd.key]
+            d = self.res[sd.key]
             d["build_s"][group] = time.perf_counter() - t0
             release_freed_memory()
             d["load_rss_bytes"] = max(d["load_rss_bytes"], current_rss_bytes() - rss0)
             d["threads"], d["runner"] = getattr(r, "threads", None), getattr(r, "name", None)
             runners[sd.key] = r
-        return {sd.key: runners[sd.key] for sd in active if sd.key in runners}
+        return {sd.key: runners[sd.key] for sd in self.active if sd.key in runners}
 
-    def run(phase: str, calls: dict[str, tuple[Any, Any]], tokens: int, warmup: int, extra: dict[str, Any]) -> None:
-        step(phase)
-        got = interleave({k: v for k, v in calls.items() if k in res and res[k]["status"] == "ok"},
-                         warmup=warmup, repeats=s.repeats, clock=clock, on_error=fail, gap_s=gap_s)
+    def _run(self, phase: str, calls: dict[str, tuple[Any, Any]], tokens: int, warmup: int,
+             extra: dict[str, Any]) -> None:
+        self.step(phase)
+        live = {k: v for k, v in calls.items() if k in self.res and self.res[k]["status"] == "ok"}
+        got = interleave(live, warmup=warmup, repeats=self.s.repeats, clock=self.clock, on_error=self._fail,
+                         gap_s=self.gap_s)
         for k, samples in got.items():
-            res[k]["phases"][phase] = _phase(summarize(samples, warmup), tokens, dict(extra))
+            self.res[k]["phases"][phase] = _phase(summarize(samples, warmup), tokens, dict(extra))
 
-    release_freed_memory()
-    start_rss = current_rss_bytes()
-    with PeakMemory() as mem:
-        for k, p in enumerate(s.prompt_lens):
-            first = k == 0
-            max_len = p + max(s.gen_tokens if first else 1, 1)  # runners need prefill_len < max_len
-            runners = build(f"prefill_{p}", p, max_len, first and s.gen_tokens > 0)
-            ids = prompt_ids(p, vocab_size, s.seed, k)
-            run(f"prefill_{p}", {key: (r.reset, lambda r=r: r.prefill(ids)) for key, r in runners.items()},
-                p, s.warmup, {"prompt_len": p})
-            if first:
-                run("ttft", {key: (r.reset, lambda r=r: _argmax_last(r.prefill(ids))) for key, r in runners.items()},
-                    1, s.warmup, {"prompt_len": p})
-                if s.gen_tokens > 0:
-                    def gen(r: Any) -> None:
-                        tok = _argmax_last(r.prefill(ids))
-                        for _ in range(s.gen_tokens - 1):
-                            tok = _argmax_last(r.decode(tok))
-
-                    run(f"e2e_{s.gen_tokens}", {key: (r.reset, lambda r=r: gen(r)) for key, r in runners.items()},
-                        s.gen_tokens, min(s.warmup, 1), {"prompt_len": p, "gen_tokens": s.gen_tokens})
-            del runners
-            release_freed_memory()
-        if s.decode_tokens > 0:
-            runners = build("decode", s.decode_past, s.decode_past + s.decode_tokens, True)
-            past = prompt_ids(s.decode_past, vocab_size, s.seed, 99)
-            first_tok: dict[str, int] = {}
-
-            def setup(key: str, r: Any) -> None:
-                r.reset()
-                first_tok[key] = _argmax_last(r.prefill(past))
-
-            def dec(key: str, r: Any) -> None:
-                tok = first_tok[key]
-                for _ in range(s.decode_tokens):
+    def _prefill_group(self, k: int, p: int) -> None:
+        """prefill_<p>; for the first prompt length also ttft and e2e_<gen_tokens>."""
+        s, first = self.s, k == 0
+        max_len = p + max(s.gen_tokens if first else 1, 1)  # runners need prefill_len < max_len
+        runners = self._build(f"prefill_{p}", p, max_len, first and s.gen_tokens > 0)
+        ids = prompt_ids(p, self.vocab_size, s.seed, k)
+        self._run(f"prefill_{p}", {key: (r.reset, lambda r=r: r.prefill(ids)) for key, r in runners.items()},
+                  p, s.warmup, {"prompt_len": p})
+        if not first:
+            return
+        self._run("ttft", {key: (r.reset, lambda r=r: _argmax_last(r.prefill(ids))) for key, r in runners.items()},
+                  1, s.warmup, {"prompt_len": p})
+        if s.gen_tokens > 0:
+            def gen(r: Any) -> None:
+                tok = _argmax_last(r.prefill(ids))
+                for _ in range(s.gen_tokens - 1):
                     tok = _argmax_last(r.decode(tok))
 
-            run("decode", {key: (lambda key=key, r=r: setup(key, r), lambda key=key, r=r: dec(key, r))
-                           for key, r in runners.items()},
-                s.decode_tokens, min(s.warmup, 1), {"past": s.decode_past})
-            for key in runners:
-                ph = res[key].get("phases", {}).get("decode")
-                if ph:
-                    ph["ms_per_token"] = 1000.0 * ph["median_s"] / s.decode_tokens
-            del runners
-    for d in res.values():
-        if d["status"] == "ok":
-            d["peak_rss_bytes"], d["peak_rss_method"] = mem.peak_bytes, mem.method
-            d["start_rss_bytes"] = start_rss
-    return res
+            self._run(f"e2e_{s.gen_tokens}", {key: (r.reset, lambda r=r: gen(r)) for key, r in runners.items()},
+                      s.gen_tokens, min(s.warmup, 1), {"prompt_len": p, "gen_tokens": s.gen_tokens})
+
+    def _decode_group(self) -> None:
+        """decode_tokens single-token steps after an untimed decode_past-token prefill."""
+        s = self.s
+        runners = self._build("decode", s.decode_past, s.decode_past + s.decode_tokens, True)
+        past = prompt_ids(s.decode_past, self.vocab_size, s.seed, 99)
+        first_tok: dict[str, int] = {}
+
+        def setup(key: str, r: Any) -> None:
+            r.reset()
+            first_tok[key] = _argmax_last(r.prefill(past))
+
+        def dec(key: str, r: Any) -> None:
+            tok = first_tok[key]
+            for _ in range(s.decode_tokens):
+                tok = _argmax_last(r.decode(tok))
+
+        self._run("decode", {key: (lambda key=key, r=r: setup(key, r), lambda key=key, r=r: dec(key, r))
+                             for key, r in runners.items()},
+                  s.decode_tokens, min(s.warmup, 1), {"past": s.decode_past})
+        for key in runners:
+            ph = self.res[key].get("phases", {}).get("decode")
+            if ph:
+                ph["ms_per_token"] = 1000.0 * ph["median_s"] / s.decode_tokens
 
 
 def bench_phases(
