@@ -126,7 +126,8 @@ def _verify(model: Any, tmp: Path, ids: Any, *, prefill_len: int, max_len: int, 
         raise UserError(f"onnxruntime does not match PyTorch (max |dlogit| {ort_cmp['max_abs_logit_diff']:.2e}, "
                         f"tokens match: {ort_cmp['tokens_match']}); export not written")
 
-    err.print(f"[dim]verifying: DeepSparse compile + {verify_tokens} greedy tokens (child process, {threads} cores)[/dim]")
+    err.print(f"[dim]verifying: DeepSparse compile + {verify_tokens} greedy tokens "
+              f"(child process, {threads} cores)[/dim]")
     probe, ds_logits = run_deepsparse_probe(tmp / "model.onnx", tmp, ids, prefill_len=prefill_len,
                                             max_len=max_len, threads=threads, new_tokens=verify_tokens)
     ds_cmp = compare(ref_logits, ref_tokens, ds_logits, probe["tokens"], LOGIT_ATOL_FP32)
