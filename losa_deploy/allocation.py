@@ -12,12 +12,13 @@ All returned rates lie in [0, 1) and their (weighted) mean equals S to 1e-12.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from .errors import UserError
+from .pruning.masks import layer_prune_count
 
 _MEAN_TOL = 1e-12
 
@@ -310,3 +311,44 @@ def rmi_rates(
     hi = min(s + d, math.nextafter(1.0, 0.0))
     rates = solve_box_lp(imp, s, lo, hi, weights)
     return _finalise(rates, s, weights, "RMI")
+
+
+# ------------------------------------------------------------------------------------ within a block
+def linear_kind(name: str) -> str:
+    """The kind of a linear inside a block: the last part of its name ("model.layers.3.self_attn.k_proj.weight"
+    and "self_attn.k_proj" are both "k_proj")."""
+    parts = [p for p in name.split(".") if p and p != "weight"]
+    return parts[-1] if parts else name
+
+
+def linear_rates(rate: float, sizes: Mapping[str, int], offsets: Mapping[str, float]) -> dict[str, float]:
+    """Per-linear rates inside one block whose parameter-weighted mean is the block's `rate`.
+
+    A linear whose kind (`linear_kind`) has an offset gets ``rate + offset`` (floored at 0); every other linear
+    gets one common rate that restores the block's mean. Why: grouped-query attention shares each k / v head
+    among several query heads, so their small projections cost more per pruned weight than the MLP's; sparing
+    them and pruning the large matrices a little harder keeps the block's (and the model's) sparsity.
+    No offsets: every linear at `rate`.
+    """
+    r = float(rate)
+    if not offsets:
+        return {name: r for name in sizes}
+    fixed = {n: max(0.0, round(r + float(offsets[linear_kind(n)]), 12)) for n in sizes if linear_kind(n) in offsets}
+    free = [n for n in sizes if n not in fixed]
+    if not free:
+        raise UserError(f"--type-offset covers every linear of a block ({', '.join(sorted(offsets))}); leave one "
+                        "kind without an offset to keep the block's sparsity")
+    total = math.fsum(float(sizes[n]) for n in sizes)
+    free_total = math.fsum(float(sizes[n]) for n in free)
+    rest = (r * total - math.fsum(fixed[n] * float(sizes[n]) for n in fixed)) / free_total
+    rest = 0.0 if -1e-12 < rest < 0.0 else rest
+    out = {**fixed, **{n: rest for n in free}}
+    if any(not (0.0 <= x < 1.0) for x in out.values()):
+        raise UserError(f"--type-offset {dict(offsets)} cannot keep a block at {r:.4g}: it would need rates "
+                        f"{ {linear_kind(n): round(x, 4) for n, x in out.items()} }; use smaller offsets")
+    # Whole weights: the block prunes exactly as many as uniform rates would; the largest free linear takes the
+    # rounding remainder, and each rate is its count / size so the mask rounds back to that count.
+    counts = {n: layer_prune_count(out[n], 1, int(sizes[n])) for n in sizes}
+    big = max(free, key=lambda n: sizes[n])
+    counts[big] += sum(layer_prune_count(r, 1, int(sizes[n])) for n in sizes) - sum(counts.values())
+    return {n: counts[n] / int(sizes[n]) for n in sizes}

@@ -213,3 +213,30 @@ def test_rmi_rates_prune_redundant_blocks_more_and_keep_the_mean():
     # bounds are clipped to [0, 1): a tiny target stays non-negative
     small = rmi_rates(grams, 0.005)
     assert min(small) >= 0 and abs(math.fsum(small) / 6 - 0.005) <= 1e-12
+
+
+def test_linear_rates_spare_the_offset_kinds_and_keep_the_block_mean():
+    from losa_deploy.allocation import linear_kind, linear_rates
+
+    sizes = {"attn.q_proj": 4000, "attn.k_proj": 2000, "attn.v_proj": 2000, "mlp.up_proj": 8000}
+    r = linear_rates(0.5, sizes, {"k_proj": -0.25, "v_proj": -0.25})
+    # k, v at 0.25 (500 weights each); the other 12000 weights hold 8000 - 1000 = 7000: 7/12, in whole weights
+    # 2333 (q) and 4667 (up, the largest, which takes the rounding remainder)
+    assert r["attn.k_proj"] == r["attn.v_proj"] == 0.25
+    assert r["attn.q_proj"] == 2333 / 4000 and r["mlp.up_proj"] == 4667 / 8000
+    assert round(sum(r[n] * sizes[n] for n in sizes)) == 8000
+    assert linear_rates(0.5, sizes, {}) == {n: 0.5 for n in sizes}
+    # an offset below 0 floors at 0 and the rest absorbs it: 0.1 * 16000 pruned among the other 14000 weights
+    low = linear_rates(0.1, sizes, {"k_proj": -0.3})
+    assert low["attn.k_proj"] == 0.0 and low["attn.q_proj"] == pytest.approx(1600 / 14000, abs=1e-3)
+    assert round(sum(low[n] * sizes[n] for n in sizes)) == 1600
+    assert linear_kind("model.layers.3.self_attn.k_proj.weight") == "k_proj"
+
+
+def test_linear_rates_refuse_what_cannot_keep_the_block_rate():
+    from losa_deploy.allocation import linear_rates
+
+    with pytest.raises(UserError, match="leave one"):
+        linear_rates(0.5, {"a.k_proj": 2, "a.v_proj": 2}, {"k_proj": -0.1, "v_proj": -0.1})
+    with pytest.raises(UserError, match="cannot keep a block"):
+        linear_rates(0.9, {"a.k_proj": 8, "a.up_proj": 8}, {"k_proj": -0.9})

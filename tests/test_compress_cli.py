@@ -139,6 +139,32 @@ def test_rmi_allocation(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     assert sum(rates) / 4 == pytest.approx(0.7) and all(abs(r - 0.7) <= 0.03 + 1e-9 for r in rates)
 
 
+def test_type_offsets_spare_a_kind_and_keep_every_block_at_its_rate(tiny_dir, text_file, tmp_path, monkeypatch,
+                                                                      capsys):
+    out = tmp_path / "kv"
+    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out),
+                       "--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.7",
+                       "--type-offset", "k_proj=-0.2", "--type-offset", "v_proj=-0.2")
+    assert code == 0, e
+    man = json.loads((out / "losa_manifest.json").read_text())
+    assert man["recipe"]["type_offsets"] == {"k_proj": -0.2, "v_proj": -0.2}
+    lin = man["linears"]
+    kv = [v for n, v in lin.items() if n.endswith(("k_proj.weight", "v_proj.weight"))]
+    rest = [v for n, v in lin.items() if not n.endswith(("k_proj.weight", "v_proj.weight"))]
+    assert kv and all(v["target"] == pytest.approx(0.5) and abs(v["realised"] - 0.5) < 0.01 for v in kv)
+    # tiny llama block: q, o 64x64; k, v 32x64; gate, up, down 128x64 -> the rest at (0.7*36864 - 0.5*4096)/32768
+    assert all(v["target"] == pytest.approx(0.725, abs=1e-3) for v in rest)
+    # whole weights: each block prunes exactly what uniform rates prune, round(0.7 * size) per linear
+    size = {"q_proj": 4096, "o_proj": 4096, "k_proj": 2048, "v_proj": 2048, "gate_proj": 8192, "up_proj": 8192,
+            "down_proj": 8192}
+    for b in man["blocks"]:
+        names = [n for n in lin if lin[n]["block"] == b["index"]]
+        kinds = [n.split(".")[-2] for n in names]
+        assert sorted(kinds) == sorted(size)
+        pruned = sum(lin[n]["realised"] * size[k] for n, k in zip(names, kinds))
+        assert round(pruned) == sum(round(0.7 * size[k]) for k in kinds) and abs(pruned - round(pruned)) < 1e-6
+
+
 def test_calib_dtype_bfloat16_is_recorded_and_prunes_exactly(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "bf16"
     code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out),
@@ -208,6 +234,12 @@ def _error_cases(tiny_dir: Path, text_file: Path, short: Path) -> list[tuple[lis
         (base + ["--eval-data", str(short), "--eval-seqlen", "64"], "fewer than one window"),
         (base + ["--profile", "no-such-profile"], "known profiles"),
         (base + ["--method", "losa", "--steps", "0"], "steps"),
+        (base + ["--type-offset", "k_proj"], "KIND=OFFSET"),
+        (base + ["--type-offset", "k_proj=-1.5"], r"in \(-1, 1\)"),
+        (base + ["--type-offset", "k_proj=abc"], "not a number"),
+        (base + ["--pattern", "2:4", "--type-offset", "k_proj=-0.2"], "unstructured"),
+        (base + ["--sparsity", "0.9", "--type-offset", "q_proj=-0.9", "--type-offset", "k_proj=-0.9",
+                 "--type-offset", "v_proj=-0.9", "--type-offset", "o_proj=-0.9"], "cannot keep a block"),
     ]
 
 

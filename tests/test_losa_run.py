@@ -183,6 +183,24 @@ def test_losa_with_atp_rates(tmp_path, text_file):
     assert man["atp_beta"] == {"recipe": 0.05, "per_step": [0.05, 0.05]} and first_target == pytest.approx(0.4375)
 
 
+def test_losa_with_type_offsets_keeps_exact_block_sparsity(tmp_path, text_file):
+    """k / v spared by 0.2 at every step (intermediate targets too); the merge stays exact."""
+    model, tok = tiny_model("llama", **SMALL), byte_tokenizer()
+    rec = _recipe(tmp_path, text_file, allocation="uniform", sparsity=0.6, type_offsets={"k_proj": -0.2,
+                                                                                           "v_proj": -0.2})
+    res = run_losa(_inputs(model, tok, rec, tmp_path / "work"))
+    _zero_pattern_exact(model, res.masks)
+    for name, mask in res.masks.items():
+        pruned = int((~mask).sum())
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            assert pruned == round(0.4 * mask.numel()), name
+        else:
+            assert pruned > 0.6 * mask.numel(), name
+    total = sum(m.numel() for m in res.masks.values())
+    pruned = sum(int((~m).sum()) for m in res.masks.values())
+    assert pruned == sum(round(0.6 * m.numel()) for m in res.masks.values()) and total > 0
+
+
 def test_distill_without_room_refused(tmp_path, text_file, monkeypatch):
     import psutil
 

@@ -445,3 +445,19 @@ def test_cached_dense_reference_gives_the_same_recon_errors():
     assert first.recon_error == prune_sequential(
         tiny_model("llama"), _ids(), PruneSpec("wanda", parse_pattern("unstructured")), [0.5] * 4, dense_state=state,
         progress=False).recon_error
+
+
+def test_type_offset_without_such_linear_warns_and_changes_nothing():
+    """phi3 fuses q, k, v into qkv_proj: a k_proj offset matches nothing, so every linear keeps the block rate."""
+    spec = PruneSpec("wanda", parse_pattern("unstructured"), type_offsets={"k_proj": -0.2})
+    res = prune_sequential(tiny_model("phi3"), _ids(), spec, [0.5] * 4, progress=False)
+    assert any("k_proj" in w and "ignored" in w for w in res.warnings)
+    assert all(t == 0.5 for t in res.targets.values())
+
+
+def test_type_offsets_from_a_profile_merge_per_kind_with_flags(tmp_path):
+    prof = {"compress": {"method": "wanda", "type_offsets": {"k_proj": -0.2, "v_proj": -0.2}}}
+    r = Recipe.from_profile(prof, {"out": str(tmp_path / "o"), "type_offsets": ["v_proj=0"]})
+    assert r.prune.type_offsets == {"k_proj": -0.2, "v_proj": 0.0}
+    assert Recipe.from_profile(prof, {"out": str(tmp_path / "o")}).prune.type_offsets == {"k_proj": -0.2,
+                                                                                          "v_proj": -0.2}

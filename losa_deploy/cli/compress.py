@@ -43,6 +43,8 @@ _HELP = {
     "seqlen": "Calibration sequence length in tokens \\[default: 512].",
     "seed": "Calibration sampling seed \\[default: 0].",
     "ignore": "fnmatch pattern over full weight names to keep dense (repeatable).",
+    "type_offsets": "KIND=OFFSET: prune every block's linears of that kind (e.g. k_proj) at the block's rate plus "
+                    "OFFSET; the other linears restore the block's rate (repeatable; unstructured only).",
     "eval_data": "Perplexity text measured before and after (e.g. wiki.test.raw).",
     "eval_seqlen": "Perplexity window \\[default: 2048].",
     "eval_max_tokens": "Only the first K tokens of the eval text.",
@@ -102,6 +104,7 @@ def compress(
     seqlen: Optional[int] = _option("seqlen"),
     seed: Optional[int] = _option("seed"),
     ignore: Optional[List[str]] = _option("ignore"),
+    type_offsets: Optional[List[str]] = typer.Option(None, "--type-offset", help=_HELP["type_offsets"]),
     eval_data: Optional[str] = _option("eval_data"),
     eval_seqlen: Optional[int] = _option("eval_seqlen"),
     eval_max_tokens: Optional[int] = _option("eval_max_tokens"),
@@ -137,6 +140,7 @@ def compress(
     from ..profiles import load_profile
 
     flags["ignore"] = list(ignore) if ignore else None
+    flags["type_offsets"] = list(type_offsets) if type_offsets else None
     prof = load_profile(profile) if profile else None
     recipe = Recipe.from_profile(prof, flags)
     manifest = run_compress(recipe, progress=not json_out, command=command_line(),

@@ -83,7 +83,7 @@ def prune_pass(inputs: MethodInputs, allocator: RateAllocator, sparsity: float, 
     rates, info = allocator.rates(sparsity)
     t0 = time.perf_counter()
     spec = PruneSpec(method, pattern, allocator.n_per_block(rates, sparsity, pattern), tuple(recipe.prune.ignore),
-                     recipe.prune.blocksize, recipe.prune.percdamp)
+                     recipe.prune.blocksize, recipe.prune.percdamp, dict(recipe.prune.type_offsets))
     res = prune_sequential(inputs.model, inputs.calib_ids, spec, rates, device=inputs.device,
                            offload=recipe.offload, dense_state=dense_state, progress=inputs.progress,
                            dense_outputs=dense_outputs)

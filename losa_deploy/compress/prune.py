@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..allocation import linear_kind, linear_rates
 from ..console import err
 from ..model_parts import block_prefix, find_blocks, find_linears
 from ..pruning.masks import Pattern, layer_prune_count, mask_from_scores
@@ -39,6 +40,9 @@ class PruneSpec:
     ignore: Sequence[str] = ()
     blocksize: int = 128
     percdamp: float = 0.01
+    # Sparsity offsets by linear kind inside each block (unstructured only); the other linears restore the
+    # block's rate (`allocation.linear_rates`).
+    type_offsets: Mapping[str, float] = field(default_factory=dict)
 
     def block_target(self, index: int, rate: float) -> tuple[float, int, int]:
         """(target sparsity, n, m) of block `index`; n = m = 0 for unstructured."""
@@ -139,9 +143,13 @@ class _BlockPruner:
         stats = self._statistics(block, linears, hidden, kwargs)
         t0 = time.perf_counter()
         block_masks = {}
+        per = {k: target for k in linears} if m else linear_rates(
+            target, {k: lin.weight.numel() for k, lin in linears.items()}, self.spec.type_offsets)
+        if i == 0:
+            self._warn_unmatched_offsets(linears)
         for lname, lin in linears.items():
             full = f"{prefix}{lname}.weight"
-            block_masks[full] = self._prune_linear(full, lin, stats.get(lname), target, n, m)
+            block_masks[full] = self._prune_linear(full, lin, stats.get(lname), per[lname], n, m)
         self.t_prune += time.perf_counter() - t0
         if self.block_hook is not None:
             self.block_hook(i, block, block_masks)
@@ -153,6 +161,14 @@ class _BlockPruner:
             self.res.recon_error.append(recon_error(dense_out, out))
         self.t_stats += time.perf_counter() - t0  # the re-run is part of the data flow cost
         return out
+
+    def _warn_unmatched_offsets(self, linears: dict[str, nn.Linear]) -> None:
+        """A type offset naming no linear of this architecture (k_proj on a fused qkv_proj) does nothing: say so."""
+        kinds = {linear_kind(k) for k in linears}
+        for kind in sorted(set(self.spec.type_offsets) - kinds):
+            msg = f"--type-offset {kind}: no linear of that kind in the blocks ({', '.join(sorted(kinds))}); ignored"
+            self.res.warnings.append(msg)
+            err.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
 
     def _dense_reference(self, i: int, prefix: str, block: nn.Module, hidden: Tensor | None,
                          kwargs: dict) -> Tensor | None:

@@ -82,6 +82,9 @@ class PruneSettings:
     ignore: list[str] = field(default_factory=list)
     blocksize: int = 128  # SparseGPT column block
     percdamp: float = 0.01  # SparseGPT damping, fraction of mean diag(H)
+    # Sparsity offset per linear kind inside every block (e.g. {"k_proj": -0.2}); the block's other linears
+    # restore its rate, so block and model sparsity are unchanged (`allocation.linear_rates`).
+    type_offsets: dict[str, float] = field(default_factory=dict)
 
     @property
     def target_sparsity(self) -> float:
@@ -101,6 +104,13 @@ class PruneSettings:
             _need(abs(s - (1 - p.n / p.m)) <= 1e-9,
                   f"pattern {p} means {1 - p.n / p.m:.4g} sparsity, not {s}; drop --sparsity or use mixed:{p.m}")
         _need(0 < self.percdamp < 1, f"percdamp must be in (0, 1) (got {self.percdamp})")
+        for kind, off in self.type_offsets.items():
+            _need(bool(kind) and "." not in kind and "=" not in kind,
+                  f"--type-offset needs a linear kind such as k_proj (got '{kind}')")
+            _need(isinstance(off, (int, float)) and not math.isnan(off) and -1.0 < off < 1.0,
+                  f"--type-offset {kind}: the offset must be in (-1, 1) (got {off})")
+        _need(not self.type_offsets or p.kind == "unstructured",
+              f"--type-offset applies to unstructured sparsity; pattern {p} fixes every linear's N:M")
         _at_least(self.blocksize, 1, "blocksize")
 
 
@@ -265,6 +275,8 @@ class Recipe:
                 value = parse_pattern(value)
             if key == "ignore":
                 value = [value] if isinstance(value, str) else list(value or [])
+            if key == "type_offsets":
+                value = parse_type_offsets(value)
             section = route[key]
             (top if section is None else parts[section])[key] = value
         return cls(**top, **{name: _SECTIONS[name](**kw) for name, kw in parts.items()})
@@ -277,7 +289,11 @@ class Recipe:
         """
         from ..profiles import merge, section
 
-        settings = merge(section(profile, "compress"), dict(flags))
+        base = section(profile, "compress")
+        settings = merge(base, dict(flags))
+        if base.get("type_offsets") and flags.get("type_offsets"):  # a flag changes one kind, keeps the others
+            settings["type_offsets"] = {**parse_type_offsets(base["type_offsets"]),
+                                        **parse_type_offsets(flags["type_offsets"])}
         if settings.get("allocation") != "atp" and flags.get("atp_beta") is None:
             settings.pop("atp_beta", None)
         return cls.from_settings(settings)
@@ -330,6 +346,27 @@ class Recipe:
                   "(tune one with 'compress --method wanda --allocation atp --atp-beta auto' and reuse its "
                   "manifest's beta)")
         _check_out(Path(self.out).expanduser(), self.overwrite)
+
+
+def parse_type_offsets(value: Any) -> dict[str, float]:
+    """{kind: offset} from a mapping (a profile's inline table) or "kind=offset" strings (repeated flags)."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    else:
+        items = []
+        for text in [value] if isinstance(value, str) else list(value):
+            kind, sep, num = str(text).partition("=")
+            _need(bool(sep), f"--type-offset takes KIND=OFFSET, e.g. k_proj=-0.2 (got '{text}')")
+            items.append((kind.strip(), num.strip()))
+    out: dict[str, float] = {}
+    for kind, num in items:
+        try:
+            out[str(kind)] = float(num)
+        except (TypeError, ValueError):
+            raise UserError(f"--type-offset {kind}: '{num}' is not a number") from None
+    return out
 
 
 def setting_sections() -> dict[str, str | None]:
