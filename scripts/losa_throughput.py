@@ -4,11 +4,14 @@ Training: one AdamW update of masked adapters (rank 24 on every prunable linear,
 bf16 autocast where native) in two forms, alternated round by round:
   logits   transformers' loss from fp32 logits, fused adapters casting `W + delta` from fp32 at every forward;
   chunked  `head_loss.TrainLoss` from hidden states plus `AdapterSet.training` (bf16 base copies).
+With `--compare head-kernel`, training instead alternates the head loss's two kernels on distillation updates (a
+bf16 dense teacher, as the profiles run): PyTorch's ops against the fused C rows (`sp_kl_rows`, csrc/headloss.c).
 Generation: 128 rows x 256 tokens of self text, the shipped sampler (`selfdata.generate_self_ids`: bf16 copy,
 preallocated KV cache, top-k 64 then top-p 0.95) against the same sampler on the fp32 model under autocast with
 transformers' default cache.
 
     python scripts/losa_throughput.py --rounds 3 --json runs/losa_throughput.json
+    python scripts/losa_throughput.py --compare head-kernel --skip-generation --json runs/head_kernel.json
 """
 
 from __future__ import annotations
@@ -69,6 +72,48 @@ def train_rates(model, rounds: int, updates: int, bf16: bool) -> dict[str, list[
     return rates
 
 
+def head_kernel_rates(model, rounds: int, updates: int, bf16: bool) -> dict[str, list[float]]:
+    """Distillation updates with the chunked head loss, PyTorch's ops against the fused C rows, alternated."""
+    import copy
+
+    from losa_deploy.compress.losa.head_loss import HEAD_KERNEL_ENV, TrainLoss
+    from losa_deploy.precision import autocast_ctx
+
+    aset = _adapters(model)
+    teacher = copy.deepcopy(model).eval()
+    if bf16:
+        teacher.to(torch.bfloat16)
+    params = list(aset.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    rates: dict[str, list[float]] = {"torch": [], "native": []}
+    before = os.environ.get(HEAD_KERNEL_ENV)
+    try:
+        for _ in range(rounds):
+            for form in rates:
+                os.environ[HEAD_KERNEL_ENV] = form
+                with aset.training(torch.bfloat16 if bf16 else None):
+                    loss_fn = TrainLoss(model, "distill", teacher, torch.bfloat16 if bf16 else None)
+                    assert loss_fn.kernel == form
+                    for i in range(updates + 1):  # the first update warms up
+                        if i == 1:
+                            t0 = time.perf_counter()
+                        with autocast_ctx("cpu", bf16):
+                            loss = loss_fn(batch)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                rates[form].append(updates * ids.numel() / (time.perf_counter() - t0))
+    finally:
+        if before is None:
+            os.environ.pop(HEAD_KERNEL_ENV, None)
+        else:
+            os.environ[HEAD_KERNEL_ENV] = before
+    aset.remove()
+    return rates
+
+
 def generation_rates(model, tok, rounds: int, bf16: bool) -> dict[str, list[float]]:
     from losa_deploy import selfdata
 
@@ -96,6 +141,8 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=4, help="timed training updates per form and round")
     ap.add_argument("--json", type=Path, default=Path("runs/losa_throughput.json"))
     ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--compare", choices=("forms", "head-kernel"), default="forms",
+                    help="training: logits form vs chunked form (forms), or the head loss's two kernels")
     args = ap.parse_args()
 
     from losa_deploy.models import load_model
@@ -108,7 +155,8 @@ def main() -> None:
     if not args.skip_generation:
         out["generation_tok_s"] = generation_rates(model, tok, args.rounds, bf16)
     model.train()
-    out["training_tok_s"] = train_rates(model, args.rounds, args.updates, bf16)
+    rate_fn = head_kernel_rates if args.compare == "head-kernel" else train_rates
+    out["training_tok_s"] = rate_fn(model, args.rounds, args.updates, bf16)
     for kind in ("generation_tok_s", "training_tok_s"):
         if kind not in out:
             continue

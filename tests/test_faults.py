@@ -497,6 +497,8 @@ def test_messages_use_the_names_users_write(tmp_path, monkeypatch, capsys):
         Recipe.of(out="x", method="losa", lora_dropout=1.5).validate()
     with pytest.raises(UserError, match="unknown --lr-schedule 'cosine'"):
         Recipe.from_settings({"out": str(tmp_path / "o2"), "method": "losa", "lr_schedule": "cosine"}).validate()
+    with pytest.raises(UserError, match="--train-share-power must lie in"):
+        Recipe.of(out="x", method="losa", train_share_power=-1.0).validate()
     prof = tmp_path / "p.toml"
     prof.write_text("[compress]\nmethod = \"losa\"\nrank_min = 3\n")
     code, o, e = _main(monkeypatch, capsys, "compress", "--profile", str(prof), "--out", str(tmp_path / "o"))

@@ -182,6 +182,20 @@ def test_split_slices_disjoint():
     assert covered == list(range(10))
 
 
+def test_split_slices_weighted_hand_cases():
+    """Shares proportional to the weights, largest remainder (ties to the earlier slice), one sample at least.
+    cpu-70pct's schedule with power 2: S_t^2 = 0.1167, 0.3012, 0.4293, 0.4822, 0.4900 (sum 1.8194) of 512 samples is
+    32.84, 84.76, 120.81, 135.70, 137.90 -> floors 32, 84, 120, 135, 137 (508); the 4 left go to the largest
+    remainders .90, .84, .81, .76 (slices 5, 1, 3, 2)."""
+    assert split_slices(10, 3, [1, 1, 2]) == [(0, 3), (3, 5), (5, 10)]  # 2.5, 2.5, 5 -> the tie goes to the first
+    assert split_slices(10, 3, [0, 0, 1]) == [(0, 1), (1, 2), (2, 10)]  # every step trains on something
+    assert split_slices(10, 3, [2, 2, 2]) == split_slices(10, 3)
+    shares = [s ** 2 for s in sparsity_schedule(0.7, 5)]
+    assert split_slices(512, 5, shares) == [(0, 33), (33, 118), (118, 239), (239, 374), (374, 512)]
+    with pytest.raises(ValueError):
+        split_slices(10, 3, [1, 2])
+
+
 def _lr_factors(total: int, **kw) -> list[float]:
     from losa_deploy.compress.losa.train import make_optimizer
 
@@ -204,11 +218,13 @@ def test_lr_schedules_hand_values():
     assert _lr_factors(10, decay_from=1) == _lr_factors(10)  # a decay cannot start inside the warmup
 
 
-def test_chunked_head_losses_equal_the_logits_form_in_value_and_gradient(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+def test_chunked_head_losses_equal_the_logits_form_in_value_and_gradient(tiny_dir, monkeypatch, kernel):
     """TrainLoss (hidden states, a chunk of tokens at a time, the head's gradient formed in the forward) gives the
     transformers loss ("lm"), the logits-form KL to a teacher ("distill") and that KL plus the normalised MSE of
     every block's output written out from transformers' hidden states ("squarehead"), with the same adapter
-    gradients, with padded rows (IGNORE labels, attention 0) and over several chunks (7 tokens each here)."""
+    gradients, with padded rows (IGNORE labels, attention 0) and over several chunks (7 tokens each here), with
+    PyTorch's ops and with the fused C rows."""
     import copy
 
     from losa_deploy.compress.losa import head_loss as hl
@@ -217,6 +233,7 @@ def test_chunked_head_losses_equal_the_logits_form_in_value_and_gradient(tiny_di
     from losa_deploy.models import load_model
 
     monkeypatch.setattr(hl, "_CHUNK", 7)
+    monkeypatch.setenv(hl.HEAD_KERNEL_ENV, kernel)
     m, _ = load_model(str(tiny_dir))
     m.requires_grad_(False)
     teacher = copy.deepcopy(m)
@@ -255,7 +272,7 @@ def test_chunked_head_losses_equal_the_logits_form_in_value_and_gradient(tiny_di
              "distill": (distill_ref, hl.TrainLoss(m, "distill", teacher, None)),
              "squarehead": (squarehead_ref, hl.TrainLoss(m, "squarehead", teacher, None))}
     for objective, fns in cases.items():
-        assert fns[1].form == "chunked-head"
+        assert fns[1].form == "chunked-head" and fns[1].kernel == kernel
         grads = []
         for loss_fn in fns:
             for p in aset.parameters():
@@ -270,6 +287,57 @@ def test_chunked_head_losses_equal_the_logits_form_in_value_and_gradient(tiny_di
     aset.remove()
     m.lm_head.weight.requires_grad_(True)  # a trainable head keeps the logits form
     assert not hl.head_loss_applies(m) and hl.TrainLoss(m, "lm", None, None).form == "logits"
+
+
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_rows_match_pytorch_and_ignore_thread_count(teacher_dtype):
+    """The C rows (sp_kl_rows / sp_ce_rows) give PyTorch's loss and dLoss/dlogits on a vocabulary that is not a
+    multiple of the 16 lanes, with logits far apart (a peaked row) and an ignored row (weight 0: zero gradient);
+    one thread and two give the same bits; a target outside the vocabulary is refused."""
+    from losa_deploy.compress.losa import head_loss as hl
+    from losa_deploy.sparse_cpu import _lib
+
+    g = torch.Generator().manual_seed(3)
+    rows, vocab = 9, 1003
+    s = torch.randn(rows, vocab, generator=g) * 4
+    s[2, 17] = 60.0  # a peaked row: every other probability underflows towards 0
+    t = (torch.randn(rows, vocab, generator=g) * 4).to(teacher_dtype)
+    valid = torch.ones(rows, dtype=torch.bool)
+    valid[4] = False
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[4] = hl.IGNORE
+    teacher_w = torch.eye(vocab, dtype=teacher_dtype)  # identity head: the teacher's "hidden" are its logits
+    for make in (lambda native: hl.kl_chunks(t, teacher_w, valid, native=native),
+                 lambda native: hl.cross_entropy_chunks(targets, native=native)):
+        ref, out = s.clone(), s.clone()
+        loss_ref, loss = make(False)(0, rows, ref), make(True)(0, rows, out)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-7)
+        assert torch.all(out[4] == 0)
+        before = _lib.get_threads()
+        try:
+            _lib.set_threads(1)
+            one = s.clone()
+            loss_one = make(True)(0, rows, one)
+        finally:
+            _lib.set_threads(before)
+        assert torch.equal(one, out) and torch.equal(loss_one, loss)
+    bad = torch.full((rows,), vocab)
+    with pytest.raises(RuntimeError, match="code -3"):
+        hl.cross_entropy_chunks(bad, native=True)(0, rows, s.clone())
+
+
+def test_head_kernel_setting(monkeypatch):
+    from losa_deploy.compress.losa import head_loss as hl
+    from losa_deploy.errors import UserError
+
+    monkeypatch.setenv(hl.HEAD_KERNEL_ENV, "torch")
+    assert hl.head_kernel() == "torch"
+    monkeypatch.setenv(hl.HEAD_KERNEL_ENV, "native")
+    assert hl.head_kernel() == "native"  # CI and every supported machine have a C compiler
+    monkeypatch.setenv(hl.HEAD_KERNEL_ENV, "cuda")
+    with pytest.raises(UserError, match="LOSA_DEPLOY_HEAD_KERNEL"):
+        hl.head_kernel()
 
 
 def test_hidden_mse_hand_case():

@@ -68,6 +68,8 @@ _HELP = {
     "lr": "LoSA: AdamW learning rate, one schedule over all steps \\[default: 2e-4].",
     "lr_schedule": "LoSA: linear (warmup, then decay over all steps) | wsd (warmup, hold, decay in the last step) "
                    "\\[default: linear].",
+    "train_share_power": "LoSA: step t trains on a share of the samples proportional to S_t^p, S_t its sparsity "
+                         "(0: equal shares) \\[default: 0].",
     "lora_alpha": "LoSA: adapter scale alpha (update = alpha/r * (B A) * M) \\[default: 16].",
     "lora_dropout": "LoSA: dropout on the adapter input \\[default: 0.1, the paper's]; 0 fuses adapter and weight "
                     "into one matmul (faster training).",
@@ -126,6 +128,7 @@ def compress(
     batch_size: Optional[int] = _option("batch_size"),
     lr: Optional[float] = _option("lr"),
     lr_schedule: Optional[str] = _option("lr_schedule"),
+    train_share_power: Optional[float] = _option("train_share_power"),
     lora_alpha: Optional[float] = _option("lora_alpha"),
     lora_dropout: Optional[float] = _option("lora_dropout"),
     uniform_ranks: Optional[bool] = _option("uniform_ranks", off="--allocated-ranks"),

@@ -186,6 +186,9 @@ class AdapterSettings:
     lora_dropout: float = 0.1
     lr: float = 2e-4
     lr_schedule: str = "linear"
+    # Step t's share of the training samples is proportional to S_t ** train_share_power (0: equal shares). The
+    # first steps prune little and barely need training; the last ones carry the final sparsity.
+    train_share_power: float = 0.0
     train_data: str = "self"
     train_samples: int = 256
     train_seqlen: int = 256
@@ -209,6 +212,8 @@ class AdapterSettings:
             _need(self.train_samples >= self.steps, f"--train-samples ({self.train_samples}) must be at least "
                   f"--steps ({self.steps}): every step trains on its own slice")
         _one_of(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
+        _need(0.0 <= self.train_share_power <= 8.0,
+              f"--train-share-power must lie in [0, 8] (got {self.train_share_power})")
         _one_of(self.objective, OBJECTIVES, "--objective")
         _one_of(self.mask_method, MASK_METHODS, "--mask-method")
         _need(self.train_samples >= 1 and self.train_seqlen > 1 and self.batch_size >= 1,

@@ -56,6 +56,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "sp_get_spin": (ctypes.c_int, []),
         "sp_version": (ctypes.c_char_p, []),
         "sp_isa_name": (ctypes.c_char_p, [ctypes.c_int]),
+        "sp_kl_rows": (ctypes.c_int, [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                      ctypes.c_void_p, ctypes.c_void_p]),
+        "sp_ce_rows": (ctypes.c_int, [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_void_p]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)

@@ -68,7 +68,8 @@ class _LosaRun:
         # A resume from another recipe is refused before any expensive work (data generation, pruning).
         resume_state = load_state(self.work_dir, self.fingerprint) if self.a.resume else None
         self.setup: TrainingSetup = prepare_training(inputs)
-        self.slices = split_slices(len(self.setup.samples), self.T)
+        shares = [s_t ** float(self.a.train_share_power) for s_t in self.targets]
+        self.slices = split_slices(len(self.setup.samples), self.T, shares)
         self.total_updates = sum(num_batches(e - s, self.a.batch_size) for s, e in self.slices)
         # wsd: the peak lr holds until the last step, which then decays to 0 (the final sparsity gets full-size
         # updates)

@@ -19,7 +19,7 @@ from ...precision import bf16_autocast_supported
 from ..methods import MethodInputs
 from ..recipe import TEACHER_OBJECTIVES
 from .adapter import AdapterSet
-from .head_loss import head_loss_applies
+from .head_loss import head_kernel, head_loss_applies
 from .train import TrainSample, build_train_samples
 
 
@@ -85,6 +85,7 @@ def training_record(inputs: MethodInputs, setup: TrainingSetup, adapters: Adapte
         "alpha": a.lora_alpha, "dropout": a.lora_dropout, "adapter_form": adapters.form,
         "autocast": "bfloat16" if setup.use_bf16 else None, "teacher_dtype": setup.teacher_dtype,
         "loss_form": "chunked-head" if head_loss_applies(inputs.model) else "logits",
+        "head_kernel": head_kernel() if head_loss_applies(inputs.model) else None,
     }
 
 

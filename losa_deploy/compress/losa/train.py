@@ -72,12 +72,34 @@ def self_train_seed(seed: int) -> int:
     return seed + 7919
 
 
-def split_slices(n: int, parts: int) -> list[tuple[int, int]]:
-    """Disjoint contiguous [start, end) slices covering range(n), sizes differing by at most one."""
-    base, extra = divmod(n, parts)
+def split_slices(n: int, parts: int, weights: Sequence[float] | None = None) -> list[tuple[int, int]]:
+    """Disjoint contiguous [start, end) slices covering range(n).
+
+    Without `weights` (or with equal ones) the sizes differ by at most one. With weights, slice i gets
+    n * w_i / sum(w) rounded by largest remainder (ties to the earlier slice), and at least one sample when n allows.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1 (got {parts})")
+    if weights is None or len(set(weights)) <= 1:
+        base, extra = divmod(n, parts)
+        sizes = [base + (1 if i < extra else 0) for i in range(parts)]
+    else:
+        if len(weights) != parts or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"need {parts} non-negative weights with a positive sum (got {list(weights)})")
+        floor_one = n >= parts
+        total = float(sum(weights))
+        ideal = [n * w / total for w in weights]
+        sizes = [max(int(x), 1 if floor_one else 0) for x in ideal]
+        order = sorted(range(parts), key=lambda i: (-(ideal[i] - int(ideal[i])), i))
+        k = 0
+        while sum(sizes) < n:
+            sizes[order[k % parts]] += 1
+            k += 1
+        while sum(sizes) > n:  # the floor of one sample overshot: take back from the largest slices
+            big = max(range(parts), key=lambda i: (sizes[i], -i))
+            sizes[big] -= 1
     out, start = [], 0
-    for i in range(parts):
-        size = base + (1 if i < extra else 0)
+    for size in sizes:
         out.append((start, start + size))
         start += size
     return out

@@ -80,6 +80,14 @@ const char *sp_isa_name(int isa);
 typedef void (*sp_parallel_fn)(void *arg, int part, int nparts);
 void sp_parallel(sp_parallel_fn fn, void *arg, int nparts);
 
+/* Fused next-token losses over `rows` rows of `n` logits (LoSA's chunked head loss; headloss.c). Each row's student
+ * logits s[i] are replaced by dLoss/ds[i] and loss[i] receives its share of the loss, both scaled by w[i] (w[i] = 0:
+ * an ignored position, zero gradient and loss). KL: w KL(softmax(t) || softmax(s)), t the teacher's logits (bf16
+ * bits when t_bf16, else fp32). CE: -w log softmax(s)[y]. Returns 0, SP_EINVAL, SP_ESHAPE (a target outside [0, n))
+ * or SP_ENOMEM. Rows run in parallel on the pool; the result does not depend on the thread count or the ISA. */
+int sp_kl_rows(int64_t rows, int64_t n, float *s, const void *t, int t_bf16, const float *w, double *loss);
+int sp_ce_rows(int64_t rows, int64_t n, float *s, const int64_t *y, const float *w, double *loss);
+
 /* n independent products one after another, each its own parallel dispatch, exactly as an executor calls them
  * (stops at the first error). For timing the per-call cost without an interpreter in the loop. */
 int sp_gemv_seq(int n, const sp_matrix *const *w, const float *x, float *const *y);
