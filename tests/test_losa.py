@@ -338,6 +338,22 @@ def test_head_kernel_setting(monkeypatch):
     monkeypatch.setenv(hl.HEAD_KERNEL_ENV, "cuda")
     with pytest.raises(UserError, match="LOSA_DEPLOY_HEAD_KERNEL"):
         hl.head_kernel()
+    # a library that cannot be built: auto falls back to PyTorch (once, not at every slice), native says why
+    from losa_deploy.sparse_cpu import _lib
+
+    calls = []
+
+    def no_compiler(path=None):
+        calls.append(1)
+        raise UserError("no C compiler 'gcc' found")
+
+    monkeypatch.setattr(_lib, "load", no_compiler)
+    monkeypatch.setattr(hl, "_AUTO_FAILED", False)
+    monkeypatch.setenv(hl.HEAD_KERNEL_ENV, "auto")
+    assert hl.head_kernel() == "torch" and hl.head_kernel() == "torch" and len(calls) == 1
+    monkeypatch.setenv(hl.HEAD_KERNEL_ENV, "native")
+    with pytest.raises(UserError, match="no C compiler"):
+        hl.head_kernel()
 
 
 def test_hidden_mse_hand_case():

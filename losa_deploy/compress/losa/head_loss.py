@@ -59,6 +59,7 @@ class _HeadLoss(torch.autograd.Function):
 
 HEAD_KERNEL_ENV = "LOSA_DEPLOY_HEAD_KERNEL"
 HEAD_KERNELS = ("auto", "native", "torch")
+_AUTO_FAILED = False
 
 
 def head_kernel() -> str:
@@ -68,6 +69,9 @@ def head_kernel() -> str:
         raise UserError(f"unknown {HEAD_KERNEL_ENV}='{name}': use one of {', '.join(HEAD_KERNELS)}")
     if name == "torch":
         return "torch"
+    global _AUTO_FAILED
+    if name == "auto" and _AUTO_FAILED:
+        return "torch"  # a failed build is not retried for every training slice
     try:
         from ...sparse_cpu._lib import load
 
@@ -75,6 +79,7 @@ def head_kernel() -> str:
     except UserError:
         if name == "native":
             raise
+        _AUTO_FAILED = True
         return "torch"
     return "native"
 
