@@ -55,6 +55,10 @@ def check_against_model(model: nn.Module, recipe: Recipe, device: str) -> None:
         atp_rates(L, S, beta)  # also rejects a 100%-sparse last block
     if recipe.trains_adapters and recipe.adapters.objective in TEACHER_OBJECTIVES:
         check_teacher_room(model, device, recipe.adapters.objective)
+    if recipe.trains_adapters:
+        from .losa.head_loss import head_kernel
+
+        head_kernel()  # a bad LOSA_DEPLOY_HEAD_KERNEL is refused before any data is generated
 
 
 def teacher_bytes(model: nn.Module) -> int:
