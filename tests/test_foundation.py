@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from losa_deploy.cli import app
-from losa_deploy.data import calibration_ids, load_records, wikitext_rows
+from losa_deploy.data import calibration_ids, check_data_path, load_records, wikitext_rows
 from losa_deploy.errors import UserError
 from losa_deploy.evaluation.perplexity import perplexity
 from losa_deploy.models import load_model, resolve_model
@@ -55,6 +55,24 @@ def test_load_records_formats(tmp_path):
         load_records(str(tmp_path / "empty.txt"))
     with pytest.raises(UserError, match="unknown data source"):
         load_records("nosuchdataset")
+
+
+def test_load_records_from_several_sources(tmp_path):
+    """Shards named in one flag: read in order, a record repeated in a later shard read once."""
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "two"}\n{"text": "three"}\n')
+    both = f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"
+    assert [r.text for r in load_records(both)] == ["one", "two", "three"]
+    check_data_path(both, "--train-data")
+    with pytest.raises(UserError, match="--calib-data: data file .*missing.jsonl' not found"):
+        check_data_path(f"{tmp_path / 'a.jsonl'},{tmp_path / 'missing.jsonl'}", "--calib-data")
+    with pytest.raises(UserError, match="empty entry"):
+        load_records(f"{tmp_path / 'a.jsonl'},")
+    with pytest.raises(UserError, match="'self' cannot be combined"):
+        check_data_path(f"self,{tmp_path / 'a.jsonl'}", "--train-data")
+    comma = tmp_path / "x,y.jsonl"  # an existing path with a comma stays one source
+    comma.write_text('{"text": "z"}\n')
+    assert [r.text for r in load_records(str(comma))] == ["z"]
 
 
 def test_calibration_deterministic_and_shaped(tiny_dir, text_file):

@@ -37,8 +37,8 @@ _HELP = {
     "owl_m": "OWL outlier threshold M \\[default: 5].",
     "owl_lambda": "OWL rate spread lambda \\[default: 0.08].",
     "rmi_beta": "RMI importance temperature \\[default: 1].",
-    "calib_data": "Calibration text: file (.txt/.raw/.jsonl/.json/.parquet), dataset name, or 'self' \\[default: "
-                  "self].",
+    "calib_data": "Calibration text: file (.txt/.raw/.jsonl/.json/.parquet), dataset name, several joined by commas, "
+                  "or 'self' \\[default: self].",
     "nsamples": "Calibration sequences \\[default: 128].",
     "seqlen": "Calibration sequence length in tokens \\[default: 512].",
     "seed": "Calibration sampling seed \\[default: 0].",
@@ -59,7 +59,7 @@ _HELP = {
     "rank_start": "LoSA: mean adapter rank at the first step \\[default: 6].",
     "rank_end": "LoSA: mean adapter rank at the last step \\[default: 10].",
     "rank_cap": "LoSA: per-block maximum rank \\[default: 16].",
-    "train_data": "LoSA: fine-tuning data (Alpaca JSON, text, or 'self') \\[default: self].",
+    "train_data": "LoSA: fine-tuning data (Alpaca JSON, text, several joined by commas, or 'self') \\[default: self].",
     "train_samples": "LoSA: fine-tuning samples over all steps \\[default: 256].",
     "objective": "LoSA: lm | distill (KL to the dense model) | squarehead (KL + every block's output) \\[default: lm].",
     "mask_method": "LoSA: wanda | sparsegpt \\[default: wanda].",
