@@ -215,8 +215,11 @@ def calibration_ids(
     seqlen: int,
     seed: int = 0,
     model: Any = None,
+    self_prompted: float = 0.0,
 ) -> "Any":
-    """`nsamples` windows of `seqlen` tokens, as a LongTensor [nsamples, seqlen]; deterministic for a seed."""
+    """`nsamples` windows of `seqlen` tokens, as a LongTensor [nsamples, seqlen]; deterministic for a seed.
+
+    `self_prompted`: for `self`, the share of sequences that answer a prompt (`selfdata.generate_self_ids`)."""
     import torch
 
     if seqlen <= 1:
@@ -228,7 +231,7 @@ def calibration_ids(
             raise UserError("'self' calibration needs the model")
         from .selfdata import generate_self_ids
 
-        return generate_self_ids(model, tokenizer, nsamples, seqlen, seed)
+        return generate_self_ids(model, tokenizer, nsamples, seqlen, seed, prompted=self_prompted)
     records = load_records(spec)
     rng = random.Random(seed)
     docs = [r.text for r in records if r.text.strip()]

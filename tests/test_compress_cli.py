@@ -219,6 +219,20 @@ def test_magnitude_reads_no_calibration_data(tiny_dir, tmp_path, monkeypatch, ca
     assert all(abs(d["realised"] - 0.6) < 0.02 for d in man["linears"].values())
 
 
+def test_prompted_self_text_is_recorded(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`--self-prompted` reaches the self-text sampler, and the manifest says how the text was drawn."""
+    monkeypatch.setenv("LOSA_DEPLOY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "w"
+    code, o, e = _main(monkeypatch, capsys, "--model", str(tiny_dir), "--out", str(out), "--calib-data", "self",
+                       "--nsamples", "4", "--seqlen", "16", "--self-prompted", "0.5")
+    assert code == 0, e
+    man = json.loads((out / "losa_manifest.json").read_text())
+    rec = man["calibration"]["self_text"]
+    assert rec["self_prompted"] == 0.5 and rec["prompt_version"] >= 1 and "news article" in rec["genres"]
+    assert "{topic}" in rec["prompt"] and "physics" in rec["topics"]
+    assert man["recipe"]["self_prompted"] == 0.5
+
+
 def _error_cases(tiny_dir: Path, text_file: Path, short: Path) -> list[tuple[list[str], str]]:
     base = ["--model", str(tiny_dir), "--calib-data", str(text_file), "--nsamples", "2", "--seqlen", "32"]
     return [
@@ -234,6 +248,7 @@ def _error_cases(tiny_dir: Path, text_file: Path, short: Path) -> list[tuple[lis
         (base + ["--eval-data", str(short), "--eval-seqlen", "64"], "fewer than one window"),
         (base + ["--profile", "no-such-profile"], "known profiles"),
         (base + ["--method", "losa", "--steps", "0"], "steps"),
+        (base + ["--self-prompted", "1.5"], r"--self-prompted must be in \[0, 1\]"),
         (base + ["--type-offset", "k_proj"], "KIND=OFFSET"),
         (base + ["--type-offset", "k_proj=-1.5"], r"in \(-1, 1\)"),
         (base + ["--type-offset", "k_proj=abc"], "not a number"),

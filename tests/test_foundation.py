@@ -93,6 +93,77 @@ def test_self_calibration(tiny_dir, tmp_path, monkeypatch):
     assert a.shape == (3, 16) and torch.equal(a, b)
 
 
+def test_prompted_self_text_mixes_answers_and_random_starts(tiny_dir, tmp_path, monkeypatch):
+    """`self_prompted` 0.5: half the rows answer a prompt, cached under their own name; share 0 is unchanged."""
+    from losa_deploy import selfdata
+
+    monkeypatch.setenv("LOSA_DEPLOY_CACHE", str(tmp_path))
+    m, tok = load_model(str(tiny_dir))
+    plain = calibration_ids(tok, "self", nsamples=4, seqlen=12, seed=2, model=m)
+    assert len(list((tmp_path / "selfdata").iterdir())) == 1
+    mixed = calibration_ids(tok, "self", nsamples=4, seqlen=12, seed=2, model=m, self_prompted=0.5)
+    assert mixed.shape == (4, 12) and len(list((tmp_path / "selfdata").iterdir())) == 2
+    assert torch.equal(mixed, calibration_ids(tok, "self", nsamples=4, seqlen=12, seed=2, model=m, self_prompted=0.5))
+    assert torch.equal(plain, selfdata.generate_self_ids(m, tok, 4, 12, seed=2))  # share 0: the cached text
+    answers = selfdata.generate_self_ids(m, tok, 3, 12, seed=5, prompted=1.0)
+    banned = set(selfdata.banned_ids(tok))
+    assert banned >= {256, 257} and not banned & set(answers.flatten().tolist())
+    assert m.config._attn_implementation == "sdpa"  # restored after the prompted batches
+
+
+def test_prompt_ids_use_the_chat_template_when_there_is_one(tiny_dir):
+    from losa_deploy.selfdata import PROMPT_GENRES, PROMPT_TOPICS, prompt_ids, prompt_requests
+
+    requests = prompt_requests()
+    assert len(set(requests)) == len(PROMPT_GENRES) * len(PROMPT_TOPICS)
+    assert requests[0] == "Write a long news article about history."
+    _, tok = load_model(str(tiny_dir))
+    assert tok.decode(prompt_ids(tok, requests[0])).endswith("Write a long news article about history.\n\n")
+    tok.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}<s>assistant: "
+    assert tok.decode(prompt_ids(tok, "Write.")) == "<s>user: Write.</s><s>assistant: "
+
+
+def test_left_padded_prompts_decode_as_each_prompt_alone(tiny_dir):
+    """Prompts of different lengths share one left-padded batch through the grouped-query attention (with the
+    sampler's mask, position ids and growing cache): every row's logits, at the prompt and over 6 decode steps,
+    equal that prompt's decoded alone with transformers' own SDPA. Attending to the padding would change them."""
+    from losa_deploy.selfdata import _growing_cache, grouped_query_attention
+
+    m, _ = load_model(str(tiny_dir))
+    assert m.config.num_key_value_heads < m.config.num_attention_heads
+    prompts = [[5, 6, 7, 8, 9], [40, 41], [100, 101, 102]]
+    follow = torch.randint(0, 256, (3, 6), generator=torch.Generator().manual_seed(0))
+
+    def decode(rows: list[list[int]], nxt: torch.Tensor, masked: bool = True) -> torch.Tensor:
+        width = max(map(len, rows))
+        ids = torch.tensor([[257] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        if not masked:
+            mask = torch.ones_like(mask)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = []
+        with torch.no_grad():
+            o = m(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=_growing_cache(),
+                  use_cache=True)
+            out.append(o.logits[:, -1])
+            for t in range(nxt.shape[1]):
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+                pos = pos[:, -1:] + 1
+                o = m(input_ids=nxt[:, t : t + 1], attention_mask=mask, position_ids=pos,
+                      past_key_values=o.past_key_values, use_cache=True)
+                out.append(o.logits[:, -1])
+        return torch.stack(out, 1)
+
+    alone = torch.cat([decode([p], follow[i : i + 1]) for i, p in enumerate(prompts)], 0)
+    with grouped_query_attention(m):
+        assert m.config._attn_implementation != "sdpa"
+        batch = decode(prompts, follow)
+        unmasked = decode(prompts, follow, masked=False)
+    assert m.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
+    assert (unmasked[1:] - alone[1:]).abs().max() > 1e-3
+
+
 def test_top_k_top_p_sample_draws_from_the_renormalised_nucleus():
     """Hand case: probabilities 0.5, 0.3, 0.15, 0.05. top_k 4, top_p 0.7 keeps tokens 0 and 1 (the mass before token 2
     is 0.8), drawn 5:3. top_k 3 renormalises to 0.526, 0.316, 0.158: the mass before token 2 is 0.842, same nucleus.

@@ -40,6 +40,8 @@ _HELP = {
     "calib_data": "Calibration text: file (.txt/.raw/.jsonl/.json/.parquet), dataset name, several joined by commas, "
                   "or 'self' \\[default: self].",
     "nsamples": "Calibration sequences \\[default: 128].",
+    "self_prompted": "Share of 'self' text that answers a request for a long piece of prose (the chat template's "
+                     "user turn, a genre drawn per sequence) instead of continuing a random token \\[default: 0].",
     "seqlen": "Calibration sequence length in tokens \\[default: 512].",
     "seed": "Calibration sampling seed \\[default: 0].",
     "ignore": "fnmatch pattern over full weight names to keep dense (repeatable).",
@@ -105,6 +107,7 @@ def compress(
     nsamples: Optional[int] = _option("nsamples"),
     seqlen: Optional[int] = _option("seqlen"),
     seed: Optional[int] = _option("seed"),
+    self_prompted: Optional[float] = _option("self_prompted"),
     ignore: Optional[List[str]] = _option("ignore"),
     type_offsets: Optional[List[str]] = typer.Option(None, "--type-offset", help=_HELP["type_offsets"]),
     eval_data: Optional[str] = _option("eval_data"),

@@ -59,9 +59,10 @@ def calibration_windows(model: Any, tok: Any, recipe: Recipe) -> torch.Tensor:
     c = recipe.calibration
     if shares_self_text(recipe):
         ids = data.calibration_ids(tok, SELF, recipe.adapters.train_samples, c.seqlen, self_train_seed(c.seed),
-                                   model=model)
+                                   model=model, self_prompted=c.self_prompted)
         return ids[: c.nsamples]
-    return data.calibration_ids(tok, c.calib_data, c.nsamples, c.seqlen, c.seed, model=model)
+    return data.calibration_ids(tok, c.calib_data, c.nsamples, c.seqlen, c.seed, model=model,
+                                self_prompted=c.self_prompted)
 
 
 def _held_out_draws(model: Any, tok: Any, recipe: Recipe, n_tune: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -90,7 +91,7 @@ def _tuning_windows(model: Any, tok: Any, recipe: Recipe, n_tune: int) -> tuple[
         info = {"source": tune_data, "windows": k, "seqlen": c.seqlen, "how": "first windows"}
         return ids[: k * c.seqlen].view(k, c.seqlen), info
     seed = c.seed + _TUNE_SEED_OFFSET
-    ids = data.calibration_ids(tok, SELF, n_tune, c.seqlen, seed, model=model)
+    ids = data.calibration_ids(tok, SELF, n_tune, c.seqlen, seed, model=model, self_prompted=c.self_prompted)
     return ids, {"source": "self", "windows": n_tune, "seqlen": c.seqlen, "how": f"generated with seed {seed}"}
 
 

@@ -166,9 +166,14 @@ class CalibrationSettings:
     seqlen: int = 512
     seed: int = 0
     calib_dtype: str = "float32"  # float32 | bfloat16 | auto
+    # Share of the self-generated sequences (calibration, training, ATP tuning) that answer a request for a long
+    # piece of prose instead of continuing a random token (`selfdata`).
+    self_prompted: float = 0.0
 
     def validate(self) -> None:
         _at_least(self.nsamples, 1, "--nsamples")
+        _need(isinstance(self.self_prompted, (int, float)) and 0.0 <= self.self_prompted <= 1.0,
+              f"--self-prompted must be in [0, 1] (got {self.self_prompted})")
         _above(self.seqlen, 1, "--seqlen")
         _one_of(self.calib_dtype, CALIB_DTYPES, "--calib-dtype")
         check_data_path(self.calib_data, "--calib-data")

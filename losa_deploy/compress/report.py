@@ -73,7 +73,22 @@ def calibration_record(model: nn.Module, recipe: Recipe, cal: Calibration, calib
     return {"source": c.calib_data, "nsamples": int(cal.ids.shape[0]), "seqlen": int(cal.ids.shape[1]),
             "seed": c.seed, "tokens": int(cal.ids.numel()), "tuning": cal.tuning or None,
             "forward_dtype": str(calib_dtype or next(model.parameters()).dtype).removeprefix("torch."),
-            "cpu_gemm": cpu_gemm if torch.device(device).type == "cpu" else None}
+            "cpu_gemm": cpu_gemm if torch.device(device).type == "cpu" else None, **_self_text_record(recipe)}
+
+
+def _self_text_record(recipe: Recipe) -> dict[str, Any]:
+    """How self text was drawn, where any step read it: the sampler's version and the prompted share and prompts."""
+    from ..data import SELF
+    from ..selfdata import PROMPT_GENRES, PROMPT_TEMPLATE, PROMPT_TOPICS, PROMPT_VERSION, SAMPLER_VERSION
+
+    c, a = recipe.calibration, recipe.adapters
+    if SELF not in (c.calib_data, a.train_data if recipe.trains_adapters else None):
+        return {}
+    rec: dict[str, Any] = {"sampler_version": SAMPLER_VERSION, "self_prompted": c.self_prompted}
+    if c.self_prompted > 0:
+        rec.update(prompt_version=PROMPT_VERSION, prompt=PROMPT_TEMPLATE, genres=list(PROMPT_GENRES),
+                   topics=list(PROMPT_TOPICS))
+    return {"self_text": rec}
 
 
 def memory_record(device: str) -> dict[str, float]:

@@ -28,7 +28,8 @@ def calibration_or_default(inputs: MethodInputs) -> Tensor:
     if inputs.calib_ids is not None:
         return inputs.calib_ids
     c = inputs.recipe.calibration
-    return data.calibration_ids(inputs.tokenizer, c.calib_data, c.nsamples, c.seqlen, c.seed, model=inputs.model)
+    return data.calibration_ids(inputs.tokenizer, c.calib_data, c.nsamples, c.seqlen, c.seed, model=inputs.model,
+                                self_prompted=c.self_prompted)
 
 
 @dataclass
@@ -49,7 +50,7 @@ def prepare_training(inputs: MethodInputs) -> TrainingSetup:
     recipe, model, tok = inputs.recipe, inputs.model, inputs.tokenizer
     a = recipe.adapters
     samples = build_train_samples(tok, a.train_data, a.train_samples, a.train_seqlen, recipe.calibration.seed,
-                                  model=model)
+                                  model=model, self_prompted=recipe.calibration.self_prompted)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     for p in model.parameters():
         p.requires_grad_(False)
