@@ -244,6 +244,11 @@ def load_model(
     return model, tok
 
 
+def pad_token_id(tok: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end of text, else 0 (padding is masked)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
 def _first_line(e: BaseException) -> str:
     s = str(e).strip()
     return s.splitlines()[0][:300] if s else type(e).__name__

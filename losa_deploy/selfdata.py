@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .models import cache_dir
+from .models import cache_dir, pad_token_id
 
 
 # Bumped whenever the sampler draws differently for the same seed, so a cache never mixes two samplers' text.
@@ -279,8 +279,7 @@ def generate_self_ids(
             progress.update(task, advance=bs)
         if n_prompted:
             prompts = [prompt_ids(tokenizer, r) for r in prompt_requests()]
-            banned = banned_ids(tokenizer)
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+            banned, pad_id = banned_ids(tokenizer), pad_token_id(tokenizer)
             with grouped_query_attention(sampler):
                 for b0 in range(0, n_prompted, batch_size):
                     bs = min(batch_size, n_prompted - b0)

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import SELF
 from ..model_parts import block_prefix, prunable_linears
+from ..selfdata import PROMPT_GENRES, PROMPT_TEMPLATE, PROMPT_TOPICS, PROMPT_VERSION, SAMPLER_VERSION
 from .calibration import Calibration
 from .methods import MethodResult
 from .prune import check_realised
@@ -78,9 +80,6 @@ def calibration_record(model: nn.Module, recipe: Recipe, cal: Calibration, calib
 
 def _self_text_record(recipe: Recipe) -> dict[str, Any]:
     """How self text was drawn, where any step read it: the sampler's version and the prompted share and prompts."""
-    from ..data import SELF
-    from ..selfdata import PROMPT_GENRES, PROMPT_TEMPLATE, PROMPT_TOPICS, PROMPT_VERSION, SAMPLER_VERSION
-
     c, a = recipe.calibration, recipe.adapters
     if SELF not in (c.calib_data, a.train_data if recipe.trains_adapters else None):
         return {}

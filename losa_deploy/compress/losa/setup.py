@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ... import data  # as a module: tests substitute its sampler
 from ...model_parts import prunable_linears
+from ...models import pad_token_id
 from ...precision import bf16_autocast_supported
 from ..methods import MethodInputs
 from ..recipe import TEACHER_OBJECTIVES
@@ -51,7 +52,7 @@ def prepare_training(inputs: MethodInputs) -> TrainingSetup:
     a = recipe.adapters
     samples = build_train_samples(tok, a.train_data, a.train_samples, a.train_seqlen, recipe.calibration.seed,
                                   model=model, self_prompted=recipe.calibration.self_prompted)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = pad_token_id(tok)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
