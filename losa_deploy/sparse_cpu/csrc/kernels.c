@@ -396,6 +396,11 @@ SPARSE_GEMV_ROWS(1)
 NM_GEMV_ROWS(16)
 NM_GEMV_ROWS(1)
 
+#define PF_MAX_GROUPS 128 /* the gemv prefetches values in software for rows of up to 128 x 16 inputs */
+
+/* cache lines holding the values of rows [r, r + 16) */
+static inline int64_t block_lines(const int64_t *rp, int64_t r) { return ((rp[r + 16] - rp[r]) * 4 + 63) / 64; }
+
 AVX512_ATTR static void gemv_sparse_avx512(const sp_matrix *w, const float *x, float *y, int64_t r0, int64_t r1) {
     const float *V = (const float *)w->values;
     int64_t G = groups_of(w);
@@ -407,26 +412,27 @@ AVX512_ATTR static void gemv_sparse_avx512(const sp_matrix *w, const float *x, f
         return;
     }
     const int64_t *rp = w->row_ptr;
-    if (r + 16 <= r1) {
+    /* short rows (the real model's 576 inputs: ~11 lines a row) end before the hardware prefetchers ramp up, so the
+     * values are prefetched in software, only for rows of up to 2048 inputs (see below) */
+    int short_rows = G <= PF_MAX_GROUPS;
+    if (short_rows && r + 16 <= r1) {
         /* a part starts cold (no block before it prefetched this one): ask for all of its first block's lines at
          * once rather than letting 16 row streams miss one line after another. Zen 5 VM, 2026-12-05, the 70% demo
          * model's block linears, 2 threads (8 parts a matrix): 5.9 / 5.4 -> 4.5 / 4.2 ms a token */
         const char *pv = (const char *)(V + rp[r]);
-        int64_t lines = ((rp[r + 16] - rp[r]) * 4 + 63) / 64, mlines = (16 * G * 2 + 63) / 64;
+        int64_t lines = block_lines(rp, r), mlines = (16 * G * 2 + 63) / 64;
         for (int64_t q = 0; q < lines; q++) _mm_prefetch(pv + 64 * q, _MM_HINT_T0);
         for (int64_t q = 0; q < mlines; q++) _mm_prefetch((const char *)(w->masks + r * G) + 64 * q, _MM_HINT_T0);
     }
     for (; r + 16 <= r1; r += 16) {
-        /* short rows (the real model's 576 inputs: ~11 lines a row) end before the hardware prefetchers ramp up:
-         * fetch the next 16-row block's values into L2 while this block runs, spread over its groups. One thread,
+        /* fetch the next 16-row block's values into L2 while this block runs, spread over its groups. One thread,
          * CPU time: 576x576 7.7 -> 11.9 GB/s, 1536x576 7.5 -> 10.1, 576x1536 8.3 -> 11.0, 1024x2048 8.7 -> 11.3;
-         * but 4096x4096 12.3 -> 10.3, so only for rows of up to 2048 inputs. */
+         * but 4096x4096 12.3 -> 10.3, hence PF_MAX_GROUPS. */
         const char *pf = NULL;
         int64_t step = 0;
-        if (G <= 128 && r + 32 <= r1) {
+        if (short_rows && r + 32 <= r1) {
             pf = (const char *)(V + rp[r + 16]);
-            int64_t lines = ((rp[r + 32] - rp[r + 16]) * 4 + 63) / 64;
-            step = (lines + G - 1) / G;
+            step = (block_lines(rp, r + 16) + G - 1) / G;
         }
         gemv_sparse_avx512_16(w->masks + r * G, G, V, rp + r, x, y + r, pf, step);
     }
